@@ -1,0 +1,28 @@
+"""Catalog agent: the compacted catalog topic -> a global table of items every worker can read."""
+
+from __future__ import annotations
+
+import faust
+
+from agents.app import Streams
+from agents.ingest import send_dead_letter
+from streamrec.errors import InvalidMessage
+from streamrec.events import CatalogItem, parse
+
+
+def register(streams: Streams) -> None:
+    @streams.app.agent(streams.catalog_topic, name="catalog")
+    async def catalog(stream: faust.StreamT[bytes]) -> None:
+        async for raw in stream.events():
+            message = raw.message
+            if message.value is None and message.key is not None:
+                streams.catalog.pop(message.key, None)  # a tombstone removes the item
+                continue
+            try:
+                item = parse(CatalogItem, message.value)
+                if message.key is not None and message.key != item.item_id.encode():
+                    raise InvalidMessage(f"message key {message.key!r} is not the item_id {item.item_id!r}")
+            except InvalidMessage as exc:
+                await send_dead_letter(streams, message, str(exc))
+                continue
+            streams.catalog[item.item_id.encode()] = item.model_dump_json().encode()

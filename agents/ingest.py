@@ -1,0 +1,76 @@
+"""Ingest agent: click and purchase events -> rolling per-user histories (RocksDB table with a
+changelog) and history updates; anything that does not validate -> the dead-letter topic."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+
+from agents.app import Streams
+from agents.context import bind_event
+from streamrec.errors import InvalidMessage
+from streamrec.events import DeadLetter, Event, HistoryUpdate, parse
+from streamrec.history import UserState, apply_events
+
+log = logging.getLogger(__name__)
+
+
+def decode_event(message: faust.types.Message) -> Event:
+    event = parse(Event, message.value)
+    key = message.key.decode(errors="replace") if isinstance(message.key, bytes) else message.key
+    if key != event.user_id:
+        # The table is partitioned like the input topics: an event keyed by anything but its user
+        # would land in another partition's copy of that user's history.
+        raise InvalidMessage(f"message key {key!r} is not the event's user_id {event.user_id!r}")
+    return event
+
+
+async def send_dead_letter(streams: Streams, message: faust.types.Message, error: str) -> None:
+    letter = DeadLetter.of(
+        message.value, message.key, error, message.topic, message.partition, message.offset
+    )
+    log.warning("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, error)
+    await streams.dlq.send(key=message.key, value=letter.model_dump_json().encode())
+
+
+def register(streams: Streams) -> None:
+    app, settings = streams.app, streams.settings
+    max_events, window = settings.history.max_events, settings.history.dedup_window
+    batch, within = settings.ingest.batch_size, settings.ingest.batch_within_s
+
+    @app.agent(streams.events, name="ingest")
+    async def ingest(stream: faust.StreamT[bytes]) -> None:
+        # Batches amortise the read-modify-write of hot users: one table write and one history
+        # update per user per batch. Events are acked only after the batch body returns.
+        async for events in stream.take_events(batch, within=within):
+            by_user: dict[str, tuple[faust.types.EventT, list[Event]]] = {}
+            for raw in events:
+                try:
+                    event = decode_event(raw.message)
+                except InvalidMessage as exc:
+                    await send_dead_letter(streams, raw.message, str(exc))
+                    continue
+                entry = by_user.setdefault(event.user_id, (raw, []))
+                entry[1].append(event)
+
+            for user_id, (raw, user_events) in by_user.items():
+                key = user_id.encode()
+                bind_event(raw)
+                stored = streams.histories.get(key)
+                state = UserState.from_bytes(stored) if stored else None
+                new_state, accepted, changed = apply_events(
+                    state, user_events, max_events=max_events, dedup_window=window
+                )
+                if not accepted:
+                    continue
+                streams.histories[key] = new_state.to_bytes()  # faust persists only on assignment
+                if changed:
+                    last = accepted[-1]
+                    update = HistoryUpdate(
+                        user_id=user_id,
+                        events=list(new_state.events),
+                        trigger_event_id=last.event_id,
+                        event_ts=last.ts,
+                    )
+                    await streams.history_updates.send(key=key, value=update.model_dump_json().encode())

@@ -1,0 +1,3 @@
+"""Model verbs: train, eval."""
+
+from __future__ import annotations

@@ -1,0 +1,109 @@
+"""Streaming verbs: broker, worker ingest, simulate, history, schemas export, bench ingest."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from streamrec.cli import app, schemas_app, worker_app
+from streamrec.settings import Settings, load_settings
+
+console = Console()
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+@app.command()
+def broker(
+    port: int = typer.Option(9092, help="Loopback port to listen on (0 picks a free one)."),
+    create: bool = typer.Option(True, help="Create streamrec's topics once the broker is up."),
+) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, in memory) in the foreground."""
+    from streamrec.broker import EmbeddedBroker, create_topics
+
+    settings = _settings()
+    with EmbeddedBroker(port=port) as embedded:
+        console.print(f"[bold green]broker ready[/] bootstrap servers: {embedded.bootstrap_servers}")
+        if create:
+            kafka = settings.kafka.model_copy(update={"bootstrap_servers": embedded.bootstrap_servers})
+            created = create_topics(kafka, settings.topics)
+            console.print(f"created topics: {', '.join(created) or '(none)'}")
+        console.print("memory storage: everything is gone when it stops. Ctrl-C to stop.")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+@worker_app.command("ingest")
+def worker_ingest(
+    loglevel: str = typer.Option("info", help="Log level."),
+    create: bool = typer.Option(True, help="Create missing topics before starting."),
+) -> None:
+    """Consume clicks and purchases into per-user histories; serve GET /users/{id}/history."""
+    from agents.app import create_app
+    from streamrec.broker import create_topics
+
+    settings = _settings()
+    if create:
+        create_topics(settings.kafka, settings.topics)
+    streams = create_app(settings, roles=("ingest",))
+    run_worker(streams.app, loglevel)
+
+
+def run_worker(faust_app: object, loglevel: str) -> None:
+    import faust
+
+    assert isinstance(faust_app, faust.App)
+    faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
+
+
+@app.command()
+def history(
+    user_id: str = typer.Argument(..., help="The user whose history to print."),
+    url: str = typer.Option("", help="Ingest worker base URL (default http://localhost:STREAMREC_WEB_PORT)."),
+) -> None:
+    """Print a user's history, oldest first, from a running ingest worker."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from rich.table import Table
+
+    base = url or f"http://localhost:{_settings().web_port}"
+    target = f"{base.rstrip('/')}/users/{urllib.parse.quote(user_id, safe='')}/history"
+    try:
+        with urllib.request.urlopen(target, timeout=10) as resp:
+            body = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            console.print(f"[yellow]unknown user {user_id!r}[/]")
+            raise typer.Exit(1) from None
+        raise
+    except urllib.error.URLError as exc:
+        console.print(f"[red]cannot reach the ingest worker at {base}: {exc.reason}[/]")
+        raise typer.Exit(2) from None
+    table = Table(title=f"history of {body['user_id']} ({len(body['events'])} events, oldest first)")
+    for col in ("ts", "type", "item_id", "event_id", "session_id"):
+        table.add_column(col)
+    for ev in body["events"]:
+        table.add_row(ev["ts"], ev["type"], ev["item_id"], ev["event_id"], ev.get("session_id") or "")
+    console.print(table)
+
+
+@schemas_app.command("export")
+def schemas_export(
+    out: Path = typer.Option(Path("schemas"), help="Directory to write <name>.schema.json files into."),
+) -> None:
+    """Write the JSON Schema of every message contract."""
+    from streamrec.schemas import write_schemas
+
+    for path in write_schemas(out):
+        console.print(f"wrote {path}")
