@@ -44,6 +44,7 @@ def create_app(settings: Settings, roles: tuple[str, ...] = ("ingest",)) -> Stre
         broker_heartbeat_interval=3.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_max_batch_size=kafka.producer_max_batch_bytes,
         key_serializer="raw",
         value_serializer="raw",
         # Commit often: a crash replays at most this much, and the dedup memory absorbs the replay.

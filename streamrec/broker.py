@@ -155,3 +155,29 @@ def producer(kafka: KafkaSettings, **overrides: Any) -> Any:
 
     cfg: dict[str, Any] = {"acks": "all", "linger_ms": 5, "retries": 5}
     return KafkaProducer(**(client_config(kafka) | cfg | overrides))
+
+
+def read_topic(kafka: KafkaSettings, topic: str, timeout: float = 10.0) -> list[Any]:
+    """Every record currently in `topic` (all partitions, from the beginning), without a group."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer: Any = KafkaConsumer(**client_config(kafka), enable_auto_commit=False)
+    try:
+        deadline = time.monotonic() + timeout
+        parts = consumer.partitions_for_topic(topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records: list[Any] = []
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"timed out reading {topic}")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()

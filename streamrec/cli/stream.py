@@ -45,7 +45,7 @@ def broker(
 @worker_app.command("ingest")
 def worker_ingest(
     loglevel: str = typer.Option("info", help="Log level."),
-    create: bool = typer.Option(True, help="Create missing topics before starting."),
+    create: bool = typer.Option(True, "--create/--no-create", help="Create missing topics before starting."),
 ) -> None:
     """Consume clicks and purchases into per-user histories; serve GET /users/{id}/history."""
     from agents.app import create_app

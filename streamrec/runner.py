@@ -1,0 +1,102 @@
+"""Start workers as child processes and watch their progress: used by the demo, the benchmarks
+and the tests, which must be able to kill a worker the way an operating system would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from streamrec.errors import StreamrecError
+from streamrec.settings import KafkaSettings, Settings, client_config, to_env
+
+
+def spawn_worker(role: str, settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """`streamrec worker ROLE` in a child process configured by `settings`."""
+    out: IO[bytes] | int = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")} | to_env(settings)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamrec", "worker", role, "--no-create"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal goes to the parent, which stops children cleanly
+        )
+    finally:
+        if not isinstance(out, int):
+            out.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until `url` answers (any HTTP status), failing early if `proc` dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise StreamrecError(f"worker exited with code {proc.returncode} before {url} answered")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise StreamrecError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def committed_offsets(kafka: KafkaSettings, group: str, topics: Iterable[str]) -> dict[Any, int]:
+    """The offsets consumer group `group` has committed, per partition of `topics` (0 if none)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    # committed() asks the group coordinator without joining the group, so it disturbs nobody.
+    consumer: Any = KafkaConsumer(**client_config(kafka), group_id=group, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        return {tp: consumer.committed(tp) or 0 for tp in tps}
+    finally:
+        consumer.close()
+
+
+def wait_caught_up(
+    kafka: KafkaSettings,
+    group: str,
+    ends: Mapping[Any, int],
+    timeout: float = 120.0,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> float:
+    """Block until `group` has committed up to `ends` (TopicPartition -> next offset, e.g. from the
+    producer's acknowledgements); returns the seconds waited.
+
+    Take `ends` from what was produced rather than from the broker: the embedded broker reports a
+    high watermark that can trail the real end of a partition (see KafkaSettings)."""
+    topics = {tp.topic for tp in ends}
+    start = time.monotonic()
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise StreamrecError(f"worker exited with code {proc.returncode} while catching up")
+        committed = committed_offsets(kafka, group, topics)
+        lag = sum(max(0, end - committed.get(tp, 0)) for tp, end in ends.items())
+        if lag == 0:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise StreamrecError(f"group {group} still {lag} messages behind after {timeout:.0f}s")
+        time.sleep(0.25)

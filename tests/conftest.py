@@ -1,0 +1,70 @@
+"""Shared fixtures: one broker per test session (a configured one, testcontainers' Kafka when a
+Docker engine answers, else the embedded Tansu broker) and settings with fresh topic names."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamrec.broker import EmbeddedBroker, free_port
+from streamrec.settings import KafkaSettings, Settings, TopicSettings
+
+MakeSettings = Callable[..., Settings]
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaSettings]:
+    configured = os.environ.get("STREAMREC_KAFKA__BOOTSTRAP_SERVERS")
+    if configured:
+        yield KafkaSettings(bootstrap_servers=configured)
+    elif _docker_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as kafka:
+            yield KafkaSettings(bootstrap_servers=kafka.get_bootstrap_server())
+    else:
+        log = tmp_path_factory.mktemp("broker") / "tansu.log"
+        with EmbeddedBroker(log_path=str(log)) as broker:
+            # One record per batch: Tansu's high watermark trails multi-record batches.
+            yield KafkaSettings(bootstrap_servers=broker.bootstrap_servers, producer_max_batch_bytes=1)
+
+
+@pytest.fixture
+def make_settings(kafka_settings: KafkaSettings, tmp_path: Path) -> MakeSettings:
+    """Settings for one test: fresh topics, consumer group, state directory and web port."""
+
+    def make(**overrides: Any) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        defaults = TopicSettings()
+        names = {
+            field: f"{getattr(defaults, field)}.{tag}"
+            for field in ("clicks", "purchases", "catalog", "dlq", "history_updates", "recommendations", "adapters")
+        }
+        base: dict[str, Any] = {
+            "app_id": f"streamrec-test-{tag}",
+            "data_dir": tmp_path / tag,
+            "web_port": free_port(),
+            "web_host": "127.0.0.1",
+            "kafka": kafka_settings,
+            "topics": TopicSettings(**names, partitions=4),
+            # The embedded broker holds a group join for the whole rebalance timeout.
+            "rebalance_timeout_s": 3.0,
+        }
+        return Settings(**(base | overrides))
+
+    return make
