@@ -4,6 +4,7 @@ changelog) and history updates; anything that does not validate -> the dead-lett
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import faust
 
@@ -38,6 +39,31 @@ def register(streams: Streams) -> None:
     app, settings = streams.app, streams.settings
     max_events, window = settings.history.max_events, settings.history.dedup_window
     batch, within = settings.ingest.batch_size, settings.ingest.batch_within_s
+    # Decoded states of recently active users. The table stays the truth: every change is written
+    # to it; the cache only saves the read and decode. Any rebalance may move users, so forget all.
+    cache: OrderedDict[bytes, UserState] = OrderedDict()
+    cache_size = settings.ingest.cache_users
+
+    def forget(*_: object, **__: object) -> None:
+        cache.clear()
+
+    app.on_partitions_revoked.connect(forget, weak=False)
+    app.on_partitions_assigned.connect(forget, weak=False)
+
+    def load(key: bytes) -> UserState | None:
+        state = cache.get(key)
+        if state is None:
+            stored = streams.histories.get(key)
+            state = UserState.from_bytes(stored) if stored else None
+        else:
+            cache.move_to_end(key)
+        return state
+
+    def remember(key: bytes, state: UserState) -> None:
+        cache[key] = state
+        cache.move_to_end(key)
+        if len(cache) > cache_size:
+            cache.popitem(last=False)
 
     @app.agent(streams.events, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
@@ -57,14 +83,13 @@ def register(streams: Streams) -> None:
             for user_id, (raw, user_events) in by_user.items():
                 key = user_id.encode()
                 bind_event(raw)
-                stored = streams.histories.get(key)
-                state = UserState.from_bytes(stored) if stored else None
                 new_state, accepted, changed = apply_events(
-                    state, user_events, max_events=max_events, dedup_window=window
+                    load(key), user_events, max_events=max_events, dedup_window=window
                 )
                 if not accepted:
                     continue
                 streams.histories[key] = new_state.to_bytes()  # faust persists only on assignment
+                remember(key, new_state)
                 if changed:
                     last = accepted[-1]
                     update = HistoryUpdate(

@@ -100,6 +100,7 @@ class HistorySettings(_Section):
 class IngestSettings(_Section):
     batch_size: int = Field(default=500, ge=1, description="Most events the ingest agent handles at once.")
     batch_within_s: float = Field(default=0.05, gt=0, description="Longest wait to fill a batch.")
+    cache_users: int = Field(default=20_000, ge=0, description="Decoded user states kept in memory.")
 
 
 class ModelSettings(_Section):

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from streamrec.cli import app, schemas_app, worker_app
+from streamrec.cli import app, bench_app, schemas_app, worker_app
 from streamrec.settings import Settings, load_settings
 
 console = Console()
@@ -107,3 +107,58 @@ def schemas_export(
 
     for path in write_schemas(out):
         console.print(f"wrote {path}")
+
+
+@app.command()
+def simulate(
+    count: int = typer.Option(10_000, help="Events to produce."),
+    rate: float = typer.Option(500.0, help="Events per second (0: as fast as possible)."),
+    users: int = typer.Option(200, help="Simulated users."),
+    items: int = typer.Option(500, help="Catalog size."),
+    seed: int = typer.Option(7, help="Random seed: the same seed gives the same traffic."),
+    catalog: bool = typer.Option(True, help="Publish the catalog first."),
+    out: Path | None = typer.Option(
+        None, help="Write a CSV event log (user_id,item_id,timestamp,type) and a catalog .jsonl here instead."
+    ),
+) -> None:
+    """Produce realistic synthetic traffic: item text, Zipf popularity, drifting tastes, sessions,
+    item series and a click-to-purchase funnel."""
+    from rich.progress import Progress
+
+    from streamrec.simulate import SimConfig, generate_events, make_catalog, write_catalog, write_log
+    from streamrec.traffic import send_catalog, send_events
+
+    cfg = SimConfig(users=users, items=items, seed=seed)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = write_log(generate_events(cfg, count), out)
+        catalog_path = out.with_suffix(".catalog.jsonl")
+        write_catalog(make_catalog(cfg), catalog_path)
+        console.print(f"wrote {n} events to {out} and the catalog to {catalog_path}")
+        return
+
+    settings = _settings()
+    if catalog:
+        console.print(f"catalog: {send_catalog(settings, make_catalog(cfg))} items -> {settings.topics.catalog}")
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"events -> {settings.kafka.bootstrap_servers}", total=count)
+        stats = send_events(
+            settings,
+            generate_events(cfg, count),
+            rate=rate or None,
+            on_sent=lambda n: progress.update(task, completed=n) if n % 100 == 0 else None,
+        )
+        progress.update(task, completed=stats.sent)
+    console.print(f"sent {stats.sent} events")
+
+
+@bench_app.command("ingest")
+def bench_ingest(
+    events: int = typer.Option(50_000, help="Events to push through both consumers."),
+    users: int = typer.Option(2_000, help="Distinct users in the simulated stream."),
+    out: Path = typer.Option(Path("bench-ingest.json"), help="Where to write the JSON report."),
+) -> None:
+    """Ingest worker events/s against a raw aiokafka consumer on the same broker and events."""
+    from streamrec.bench.ingest import run
+
+    run(events, out, users=users)

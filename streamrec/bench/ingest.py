@@ -1,0 +1,113 @@
+"""Ingest throughput: the faust ingest worker against a raw aiokafka consumer that only decodes,
+on the same broker and the same pre-loaded events, in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from streamrec.bench import machine, write_report
+from streamrec.broker import EmbeddedBroker, create_topics, free_port, read_topic
+from streamrec.events import Event, parse
+from streamrec.runner import spawn_worker, stop_process, wait_caught_up, wait_http
+from streamrec.settings import KafkaSettings, Settings, TopicSettings, client_config
+from streamrec.simulate import SimConfig, generate_events
+from streamrec.traffic import send_events
+
+
+async def raw_consume(kafka: KafkaSettings, topics: list[str], count: int) -> tuple[int, float]:
+    """Read `count` messages from the start of `topics` and validate each as an Event; returns
+    (messages, seconds from the first message to the last one decoded)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**client_config(kafka), enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        seen, first = 0, 0.0
+        while seen < count:
+            batches = await consumer.getmany(timeout_ms=1000, max_records=2000)
+            for records in batches.values():
+                if not first and records:
+                    first = time.perf_counter()
+                for record in records:
+                    parse(Event, record.value)
+                    seen += 1
+        return seen, time.perf_counter() - first
+    finally:
+        await consumer.stop()
+
+
+def run(events: int, out: Path, users: int = 2_000, items: int = 2_000) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    with contextlib.ExitStack() as stack:
+        settings = Settings()
+        kafka = settings.kafka
+        broker_name = kafka.bootstrap_servers
+        import os
+
+        if "STREAMREC_KAFKA__BOOTSTRAP_SERVERS" not in os.environ:
+            broker = stack.enter_context(EmbeddedBroker())
+            # One record per batch: the embedded broker's high watermark trails multi-record batches.
+            kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, producer_max_batch_bytes=1)
+            broker_name = "embedded tansu (memory)"
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streamrec-bench-")))
+        topics = TopicSettings(**{
+            name: f"{getattr(settings.topics, name)}.bench-{tag}"
+            for name in ("clicks", "purchases", "catalog", "dlq", "history_updates", "recommendations", "adapters")
+        })
+        settings = settings.model_copy(update={
+            "kafka": kafka, "topics": topics, "app_id": f"streamrec-bench-{tag}", "data_dir": workdir / "data",
+            "web_port": free_port(), "web_host": "127.0.0.1", "rebalance_timeout_s": 3.0,
+        })
+        create_topics(kafka, topics)
+
+        stream = list(generate_events(SimConfig(users=users, items=items, seed=1), events))
+        stats = send_events(settings, stream)
+        inputs = [topics.clicks, topics.purchases]
+
+        n_raw, raw_s = asyncio.run(raw_consume(kafka, inputs, len(stream)))
+
+        log = workdir / "worker.log"
+        proc = spawn_worker("ingest", settings, log=log)
+        try:
+            wait_http(f"http://127.0.0.1:{settings.web_port}/healthz", timeout=120, proc=proc)
+            wait_caught_up(kafka, settings.app_id, stats.ends, timeout=1800, proc=proc)
+        finally:
+            stop_process(proc)
+        # Processing span: from the first history update the worker published to the last one.
+        stamps = [r.timestamp for r in read_topic(kafka, topics.history_updates, timeout=120)]
+        worker_s = (max(stamps) - min(stamps)) / 1000
+
+    raw_rate = n_raw / raw_s
+    worker_rate = len(stream) / worker_s
+    report = {
+        "benchmark": "ingest",
+        "events": len(stream),
+        "users": users,
+        "broker": broker_name,
+        "worker": {
+            "events_per_s": worker_rate,
+            "seconds": worker_s,
+            "history_updates": len(stamps),
+            "batch_size": settings.ingest.batch_size,
+            "producer_max_batch_bytes": kafka.producer_max_batch_bytes,
+        },
+        "raw_consumer": {"events_per_s": raw_rate, "seconds": raw_s, "decodes": "json + Event validation"},
+        "ratio": worker_rate / raw_rate,
+        "machine": machine(),
+    }
+    write_report(report, out, [
+        ("events", f"{len(stream):,}"),
+        ("ingest worker events/s", f"{worker_rate:,.0f}"),
+        ("raw aiokafka consumer events/s", f"{raw_rate:,.0f}"),
+        ("ratio worker / raw", f"{worker_rate / raw_rate:.2f}"),
+    ], title=f"ingest benchmark ({broker_name})")
+    return report
