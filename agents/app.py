@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import faust
+from faust.types import TableT
 
+from agents.internals import set_fetch_max_wait
 from streamrec.settings import Settings, faust_credentials
 
 
@@ -19,13 +21,14 @@ class Streams:
     dlq: faust.TopicT
     history_updates: faust.TopicT
     catalog_topic: faust.TopicT
-    histories: faust.Table  # user id -> UserState bytes
-    catalog: faust.Table  # item id -> CatalogItem bytes
+    histories: TableT[bytes, bytes]  # user id -> UserState JSON
+    catalog: TableT[bytes, bytes]  # item id -> CatalogItem JSON
 
 
 def create_app(settings: Settings, roles: tuple[str, ...] = ("ingest",)) -> Streams:
     kafka = settings.kafka
     topics = settings.topics
+    set_fetch_max_wait(kafka.fetch_max_wait_ms)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
     app = faust.App(
         settings.app_id,
@@ -44,7 +47,6 @@ def create_app(settings: Settings, roles: tuple[str, ...] = ("ingest",)) -> Stre
         broker_heartbeat_interval=3.0,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        producer_max_batch_size=kafka.producer_max_batch_bytes,
         key_serializer="raw",
         value_serializer="raw",
         # Commit often: a crash replays at most this much, and the dedup memory absorbs the replay.

@@ -7,9 +7,10 @@ import logging
 from collections import OrderedDict
 
 import faust
+from faust.types import EventT
 
 from agents.app import Streams
-from agents.context import bind_event
+from agents.internals import bind_event
 from streamrec.errors import InvalidMessage
 from streamrec.events import DeadLetter, Event, HistoryUpdate, parse
 from streamrec.history import UserState, apply_events
@@ -69,8 +70,9 @@ def register(streams: Streams) -> None:
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         # Batches amortise the read-modify-write of hot users: one table write and one history
         # update per user per batch. Events are acked only after the batch body returns.
+        assert isinstance(stream, faust.Stream)  # take_events is not on the StreamT protocol
         async for events in stream.take_events(batch, within=within):
-            by_user: dict[str, tuple[faust.types.EventT, list[Event]]] = {}
+            by_user: dict[str, tuple[EventT[bytes], list[Event]]] = {}
             for raw in events:
                 try:
                     event = decode_event(raw.message)

@@ -35,24 +35,18 @@ class KafkaSettings(_Section):
     ssl_password: SecretStr | None = Field(default=None, description="Password of the TLS key file.")
     ssl_check_hostname: bool = True
     client_id: str = "streamrec"
-    producer_max_batch_bytes: int = Field(
-        default=16384,
-        ge=1,
-        description=(
-            "Largest record batch the workers' producer builds. 1 sends one record per batch: needed on "
-            "the embedded Tansu broker, whose high watermark stops at the first record of the last batch, "
-            "which would make faust stop changelog recovery short."
-        ),
+    fetch_max_wait_ms: int = Field(
+        default=100, ge=0, description="Longest a worker's fetch waits for data; bounds the added latency."
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> KafkaSettings:
-        if self.security_protocol.startswith("SASL"):
-            if not (self.sasl_mechanism and self.sasl_username and self.sasl_password):
-                raise ValueError(
-                    f"security_protocol={self.security_protocol} needs sasl_mechanism, sasl_username "
-                    "and sasl_password"
-                )
+        sasl_complete = self.sasl_mechanism and self.sasl_username and self.sasl_password
+        if self.security_protocol.startswith("SASL") and not sasl_complete:
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs sasl_mechanism, sasl_username "
+                "and sasl_password"
+            )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
         return self
@@ -105,7 +99,8 @@ class IngestSettings(_Section):
 
 class ModelSettings(_Section):
     base: str = Field(
-        default="google/flan-t5-small", description="Hub id, a directory written by `streamrec train`, or 'tiny'."
+        default="google/flan-t5-small",
+        description="Hub id, a directory written by `streamrec train`, or 'tiny'.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     scheme: Literal["item_token", "title"] | None = Field(
@@ -117,13 +112,15 @@ class ModelSettings(_Section):
         default="next_click", description="The instruction task served."
     )
     templates: Path | None = Field(
-        default=None, description="Instruction templates file; None: the model directory's copy or the packaged one."
+        default=None,
+        description="Instruction templates file; None: the model directory's copy or the packaged one.",
     )
     top_k: int = Field(default=10, ge=1, description="Items per recommendation.")
     num_beams: int = Field(default=10, ge=1, description="Beams for multi-token identifiers (title scheme).")
     batch_size: int = Field(default=64, ge=1, description="Users per forward pass.")
     blend: bool = Field(
-        default=True, description="Blend the T5 scores with the item-kNN / Markov signal saved beside the model."
+        default=True,
+        description="Blend the T5 scores with the item-kNN / Markov signal saved beside the model.",
     )
 
 
@@ -137,18 +134,26 @@ class TrainSettings(_Section):
     finetune_lr: float = Field(default=3e-4, gt=0, description="Peak learning rate for a pretrained base.")
     lora_lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
-    warmup: float = Field(default=0.05, ge=0, lt=1, description="Share of the planned steps spent warming up.")
-    patience: int = Field(default=3, ge=1, description="Epochs without a better validation NDCG@10 before stopping.")
+    warmup: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of the planned steps spent warming up."
+    )
+    patience: int = Field(
+        default=3, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
+    )
     max_minutes: float = Field(default=20.0, gt=0, description="Wall-clock budget for the training loop.")
     eval_users: int = Field(default=1000, ge=1, description="Validation users scored after each epoch.")
-    cold_start_share: float = Field(default=0.05, ge=0, le=1, description="Share of examples using cold-start text.")
+    cold_start_share: float = Field(
+        default=0.05, ge=0, le=1, description="Share of examples using cold-start text."
+    )
     d_model: int = Field(default=128, ge=8, description="tiny: hidden size.")
     d_ff: int = Field(default=512, ge=8, description="tiny: feed-forward size.")
     num_layers: int = Field(default=2, ge=1, description="tiny: encoder layers.")
     num_decoder_layers: int = Field(default=1, ge=1, description="tiny: decoder layers.")
     num_heads: int = Field(default=4, ge=1, description="tiny: attention heads.")
     dropout: float = Field(default=0.1, ge=0, lt=1)
-    text_vocab: int = Field(default=3000, ge=100, description="tiny: tokenizer vocabulary before item tokens.")
+    text_vocab: int = Field(
+        default=3000, ge=100, description="tiny: tokenizer vocabulary before item tokens."
+    )
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
@@ -174,7 +179,9 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     rebalance_timeout_s: float = Field(
-        default=60.0, gt=0, description="Consumer-group rebalance timeout; keep it low on the embedded broker."
+        default=60.0,
+        gt=0,
+        description="Consumer-group rebalance timeout; keep it low on the embedded broker.",
     )
 
 

@@ -40,8 +40,7 @@ def kafka_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaSe
     else:
         log = tmp_path_factory.mktemp("broker") / "tansu.log"
         with EmbeddedBroker(log_path=str(log)) as broker:
-            # One record per batch: Tansu's high watermark trails multi-record batches.
-            yield KafkaSettings(bootstrap_servers=broker.bootstrap_servers, producer_max_batch_bytes=1)
+            yield KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
 
 
 @pytest.fixture
@@ -53,7 +52,15 @@ def make_settings(kafka_settings: KafkaSettings, tmp_path: Path) -> MakeSettings
         defaults = TopicSettings()
         names = {
             field: f"{getattr(defaults, field)}.{tag}"
-            for field in ("clicks", "purchases", "catalog", "dlq", "history_updates", "recommendations", "adapters")
+            for field in (
+                "clicks",
+                "purchases",
+                "catalog",
+                "dlq",
+                "history_updates",
+                "recommendations",
+                "adapters",
+            )
         }
         base: dict[str, Any] = {
             "app_id": f"streamrec-test-{tag}",

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from streamrec.cli import app, bench_app, schemas_app, worker_app
 from streamrec.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from agents.app import Streams
 
 console = Console()
 
@@ -55,14 +59,17 @@ def worker_ingest(
     if create:
         create_topics(settings.kafka, settings.topics)
     streams = create_app(settings, roles=("ingest",))
-    run_worker(streams.app, loglevel)
+    run_worker(streams, loglevel)
 
 
-def run_worker(faust_app: object, loglevel: str) -> None:
+def run_worker(streams: Streams, loglevel: str) -> None:
     import faust
 
-    assert isinstance(faust_app, faust.App)
-    faust.Worker(faust_app, loglevel=loglevel).execute_from_commandline()
+    from streamrec.broker import seal_partitions
+
+    changelogs = [table.changelog_topic.get_topic_name() for table in streams.app.tables.values()]
+    seal_partitions(streams.settings.kafka, changelogs)
+    faust.Worker(streams.app, loglevel=loglevel).execute_from_commandline()
 
 
 @app.command()
@@ -139,7 +146,9 @@ def simulate(
 
     settings = _settings()
     if catalog:
-        console.print(f"catalog: {send_catalog(settings, make_catalog(cfg))} items -> {settings.topics.catalog}")
+        console.print(
+            f"catalog: {send_catalog(settings, make_catalog(cfg))} items -> {settings.topics.catalog}"
+        )
     with Progress(console=console) as progress:
         task = progress.add_task(f"events -> {settings.kafka.bootstrap_servers}", total=count)
         stats = send_events(
@@ -162,3 +171,19 @@ def bench_ingest(
     from streamrec.bench.ingest import run
 
     run(events, out, users=users)
+
+
+@app.command()
+def demo(
+    duration: float | None = typer.Option(
+        None, help="Seconds to run, then stop cleanly (default: until Ctrl-C)."
+    ),
+    rate: float = typer.Option(200.0, help="Simulated events per second."),
+    users: int = typer.Option(300, help="Simulated users."),
+    items: int = typer.Option(500, help="Catalog size."),
+    seed: int = typer.Option(7, help="Random seed of the simulated traffic."),
+) -> None:
+    """The whole pipeline on this machine: embedded broker, workers, simulated traffic, live view."""
+    from streamrec.demo import run
+
+    raise typer.Exit(run(duration, rate, users, items, seed))

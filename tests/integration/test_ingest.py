@@ -38,9 +38,7 @@ def make_events(count: int, users: int, seed: int) -> list[dict[str, Any]]:
         ts = BASE + timedelta(seconds=10 * i + rng.randint(-900, 900))
         if rng.random() < 0.05:
             ts = BASE + timedelta(seconds=10 * (i // 50) * 50)  # collisions
-        spelled = rng.choice(
-            [ts.strftime("%Y-%m-%dT%H:%M:%SZ"), ts.isoformat(), ts.astimezone().isoformat()]
-        )
+        spelled = rng.choice([ts.strftime("%Y-%m-%dT%H:%M:%SZ"), ts.isoformat(), ts.astimezone().isoformat()])
         kind = "purchase" if rng.random() < 0.15 else "click"
         event: dict[str, Any] = {
             "event_id": f"ev-{seed}-{i}",
@@ -81,16 +79,17 @@ def oracle(events: list[dict[str, Any]]) -> dict[str, list[tuple[str, str, str, 
     for e in unique.values():
         ts = datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).astimezone(UTC)
         per_user[e["user_id"]].append((e["event_id"], e["item_id"], e["type"], ts))
-    return {
-        u: sorted(evs, key=lambda x: (x[3], x[0]))[-MAX_EVENTS:] for u, evs in per_user.items()
-    }
+    return {u: sorted(evs, key=lambda x: (x[3], x[0]))[-MAX_EVENTS:] for u, evs in per_user.items()}
 
 
 Ends = dict[Any, int]
 
 
 def send(
-    settings: Settings, messages: list[tuple[str, str, bytes]], rate: float | None = None, ends: Ends | None = None
+    settings: Settings,
+    messages: list[tuple[str, str, bytes]],
+    rate: float | None = None,
+    ends: Ends | None = None,
 ) -> Ends:
     """messages: (topic field, key, value), sent in order, optionally paced. Returns (and records in
     `ends`) the next offset of every partition written, from the broker's acknowledgements."""
@@ -144,7 +143,9 @@ def caught_up(settings: Settings, proc: Any, ends: Ends) -> None:
     wait_caught_up(settings.kafka, settings.app_id, ends, timeout=180, proc=proc)
 
 
-def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(make_settings: Any, tmp_path: Path) -> None:
+def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(
+    make_settings: Any, tmp_path: Path
+) -> None:
     settings = make_settings()
     create_topics(settings.kafka, settings.topics)
     rng = random.Random(11)
@@ -177,7 +178,9 @@ def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(make_set
     finally:
         stop_process(proc)
 
-    letters = [DeadLetter.model_validate_json(r.value) for r in read_topic(settings.kafka, settings.topics.dlq)]
+    letters = [
+        DeadLetter.model_validate_json(r.value) for r in read_topic(settings.kafka, settings.topics.dlq)
+    ]
     assert sorted((d.topic, d.raw_bytes()) for d in letters) == sorted(bad)
     assert all(d.error and d.offset >= 0 and 0 <= d.partition < 4 for d in letters)
     reasons = " ".join(d.error for d in letters)
