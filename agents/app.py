@@ -1,4 +1,5 @@
-"""Build the faust app: topics, tables and the agents of the chosen roles, from Settings."""
+"""Build a faust app for one role (ingest or infer) from Settings. Each role is its own consumer
+group (the app id plus a suffix): faust expects every member of a group to run the same agents."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from faust.types import TableT
 from agents.internals import set_fetch_max_wait
 from streamrec.settings import Settings, faust_credentials
 
+ROLES = {"ingest": "", "infer": "-infer"}
+
 
 @dataclass
 class Streams:
-    """Everything agents share: the app, the settings, topics and tables."""
+    """What the ingest agents share: the app, the settings, topics and tables."""
 
     app: faust.App
     settings: Settings
@@ -21,27 +24,27 @@ class Streams:
     dlq: faust.TopicT
     history_updates: faust.TopicT
     catalog_topic: faust.TopicT
+    trending: faust.TopicT
     histories: TableT[bytes, bytes]  # user id -> UserState JSON
     catalog: TableT[bytes, bytes]  # item id -> CatalogItem JSON
 
 
-def create_app(settings: Settings, roles: tuple[str, ...] = ("ingest",)) -> Streams:
+def faust_app(settings: Settings, role: str) -> faust.App:
     kafka = settings.kafka
-    topics = settings.topics
     set_fetch_max_wait(kafka.fetch_max_wait_ms)
     settings.data_dir.mkdir(parents=True, exist_ok=True)  # faust creates only the last level
-    app = faust.App(
-        settings.app_id,
+    return faust.App(
+        settings.app_id + ROLES[role],
         broker=[f"kafka://{server}" for server in kafka.bootstrap_list],
         broker_credentials=faust_credentials(kafka),
         store="rocksdb://",
-        datadir=str(settings.data_dir / "state"),
+        datadir=str(settings.data_dir / f"state{ROLES[role]}"),
         web_enabled=True,
         web_port=settings.web_port,
         web_bind=settings.web_host,
         autodiscover=False,
-        topic_partitions=topics.partitions,
-        topic_replication_factor=topics.replication_factor,
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=settings.topics.replication_factor,
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_session_timeout=max(10.0, settings.rebalance_timeout_s),
         broker_heartbeat_interval=3.0,
@@ -54,24 +57,40 @@ def create_app(settings: Settings, roles: tuple[str, ...] = ("ingest",)) -> Stre
         broker_commit_interval=1.0,
         table_standby_replicas=0,
     )
-    streams = Streams(
+
+
+def ingest_streams(settings: Settings) -> Streams:
+    app = faust_app(settings, "ingest")
+    topics = settings.topics
+    return Streams(
         app=app,
         settings=settings,
         events=app.topic(topics.clicks, topics.purchases, key_type=bytes, value_type=bytes),
         dlq=app.topic(topics.dlq, key_type=bytes, value_type=bytes),
         history_updates=app.topic(topics.history_updates, key_type=bytes, value_type=bytes),
         catalog_topic=app.topic(topics.catalog, key_type=bytes, value_type=bytes),
-        histories=app.Table(
-            "histories", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None
-        ),
+        trending=app.topic(topics.trending, key_type=bytes, value_type=bytes),
+        histories=app.Table("histories", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None),
         catalog=app.GlobalTable(
             "catalog", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None
         ),
     )
-    from agents import catalog, ingest, web
 
-    if "ingest" in roles:
+
+def create_app(settings: Settings, role: str) -> faust.App:
+    """The faust app of `role` with its agents and web views registered."""
+    from agents import catalog, infer, ingest, web
+
+    if role == "ingest":
+        streams = ingest_streams(settings)
         ingest.register(streams)
         catalog.register(streams)
-        web.register(streams)
-    return streams
+        web.register_history(streams)
+        app = streams.app
+    elif role == "infer":
+        app = faust_app(settings, "infer")
+        infer.register(app, settings)
+    else:
+        raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
+    web.register_common(app)
+    return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from datetime import UTC, datetime
 
 import faust
 from faust.types import EventT
@@ -12,8 +13,16 @@ from faust.types import EventT
 from agents.app import Streams
 from agents.internals import bind_event
 from streamrec.errors import InvalidMessage
-from streamrec.events import DeadLetter, Event, HistoryUpdate, parse
+from streamrec.events import DeadLetter, Event, HistoryUpdate, TrendingSnapshot, parse, utcnow
 from streamrec.history import UserState, apply_events
+from streamrec.metrics import (
+    EVENTS_CONSUMED,
+    EVENTS_DUPLICATE,
+    EVENTS_REJECTED,
+    HISTORY_UPDATES,
+    INGEST_BATCH,
+)
+from streamrec.trending import PURCHASE_WEIGHT, Trending
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +38,7 @@ def decode_event(message: faust.types.Message) -> Event:
 
 
 async def send_dead_letter(streams: Streams, message: faust.types.Message, error: str) -> None:
-    letter = DeadLetter.of(
-        message.value, message.key, error, message.topic, message.partition, message.offset
-    )
+    letter = DeadLetter.of(message.value, message.key, error, message.topic, message.partition, message.offset)
     log.warning("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, error)
     await streams.dlq.send(key=message.key, value=letter.model_dump_json().encode())
 
@@ -40,6 +47,7 @@ def register(streams: Streams) -> None:
     app, settings = streams.app, streams.settings
     max_events, window = settings.history.max_events, settings.history.dedup_window
     batch, within = settings.ingest.batch_size, settings.ingest.batch_within_s
+    half_life, top_n = settings.trending.half_life_s, settings.trending.top_n
     # Decoded states of recently active users. The table stays the truth: every change is written
     # to it; the cache only saves the read and decode. Any rebalance may move users, so forget all.
     cache: OrderedDict[bytes, UserState] = OrderedDict()
@@ -66,21 +74,29 @@ def register(streams: Streams) -> None:
         if len(cache) > cache_size:
             cache.popitem(last=False)
 
+    # Rolling popularity per input partition, published for cold-start recommendations.
+    trending: dict[int, Trending] = {}
+    app.on_partitions_revoked.connect(lambda *_, **__: trending.clear(), weak=False)
+
     @app.agent(streams.events, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         # Batches amortise the read-modify-write of hot users: one table write and one history
         # update per user per batch. Events are acked only after the batch body returns.
         assert isinstance(stream, faust.Stream)  # take_events is not on the StreamT protocol
         async for events in stream.take_events(batch, within=within):
+            INGEST_BATCH.observe(len(events))
             by_user: dict[str, tuple[EventT[bytes], list[Event]]] = {}
+            appended: dict[str, float] = {}  # event id -> Kafka timestamp of its message
             for raw in events:
+                EVENTS_CONSUMED.labels(topic=raw.message.topic).inc()
                 try:
                     event = decode_event(raw.message)
                 except InvalidMessage as exc:
+                    EVENTS_REJECTED.labels(topic=raw.message.topic).inc()
                     await send_dead_letter(streams, raw.message, str(exc))
                     continue
-                entry = by_user.setdefault(event.user_id, (raw, []))
-                entry[1].append(event)
+                by_user.setdefault(event.user_id, (raw, []))[1].append(event)
+                appended[event.event_id] = raw.message.timestamp
 
             for user_id, (raw, user_events) in by_user.items():
                 key = user_id.encode()
@@ -88,10 +104,18 @@ def register(streams: Streams) -> None:
                 new_state, accepted, changed = apply_events(
                     load(key), user_events, max_events=max_events, dedup_window=window
                 )
+                EVENTS_DUPLICATE.inc(len(user_events) - len(accepted))
                 if not accepted:
                     continue
                 streams.histories[key] = new_state.to_bytes()  # faust persists only on assignment
                 remember(key, new_state)
+                counts = trending.setdefault(raw.message.partition, Trending(half_life))
+                for event in accepted:
+                    counts.add(
+                        event.item_id,
+                        event.ts.timestamp(),
+                        PURCHASE_WEIGHT if event.type == "purchase" else 1,
+                    )
                 if changed:
                     last = accepted[-1]
                     update = HistoryUpdate(
@@ -99,5 +123,13 @@ def register(streams: Streams) -> None:
                         events=list(new_state.events),
                         trigger_event_id=last.event_id,
                         event_ts=last.ts,
+                        trigger_appended_at=datetime.fromtimestamp(appended[last.event_id], UTC),
                     )
                     await streams.history_updates.send(key=key, value=update.model_dump_json().encode())
+                    HISTORY_UPDATES.inc()
+
+    @app.timer(settings.trending.publish_interval_s)
+    async def publish_trending() -> None:
+        for partition, counts in list(trending.items()):
+            snapshot = TrendingSnapshot(partition=partition, items=counts.snapshot(top_n), as_of=utcnow())
+            await streams.trending.send(key=str(partition).encode(), value=snapshot.model_dump_json().encode())

@@ -119,6 +119,7 @@ def topic_specs(topics: TopicSettings) -> dict[str, dict[str, str]]:
         topics.history_updates: {},
         topics.recommendations: {},
         topics.adapters: compact,
+        topics.trending: compact,
     }
 
 
@@ -144,7 +145,7 @@ def create_topics(kafka: KafkaSettings, topics: TopicSettings, timeout: float = 
         new = [
             NewTopic(
                 name,
-                1 if name == topics.adapters else topics.partitions,
+                1 if name in (topics.adapters, topics.trending) else topics.partitions,
                 topics.replication_factor,
                 topic_configs=cfg,
             )

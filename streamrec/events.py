@@ -137,6 +137,17 @@ class HistoryUpdate(_Contract):
     events: list[Event]
     trigger_event_id: Id
     event_ts: datetime
+    trigger_appended_at: datetime | None = Field(
+        default=None, description="Kafka timestamp of the trigger event's message: the start of freshness."
+    )
+
+
+class TrendingSnapshot(_Contract):
+    """Internal: one input partition's most popular items. Kafka key: the partition number."""
+
+    partition: int
+    items: dict[str, float]
+    as_of: datetime
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -148,6 +159,7 @@ CONTRACTS: dict[str, type[BaseModel]] = {
     "dead_letter": DeadLetter,
     "adapter_announcement": AdapterAnnouncement,
     "history_update": HistoryUpdate,
+    "trending_snapshot": TrendingSnapshot,
 }
 
 
@@ -164,9 +176,7 @@ def parse(model: type[M], raw: bytes | None) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        reasons = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
+        reasons = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors())
         raise InvalidMessage(f"invalid {model.__name__}: {reasons}") from None
 
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from streamrec.cli import app, bench_app, schemas_app, worker_app
 from streamrec.settings import Settings, load_settings
-
-if TYPE_CHECKING:
-    from agents.app import Streams
 
 console = Console()
 
@@ -52,24 +48,32 @@ def worker_ingest(
     create: bool = typer.Option(True, "--create/--no-create", help="Create missing topics before starting."),
 ) -> None:
     """Consume clicks and purchases into per-user histories; serve GET /users/{id}/history."""
+    run_worker("ingest", loglevel, create)
+
+
+@worker_app.command("infer")
+def worker_infer(
+    loglevel: str = typer.Option("info", help="Log level."),
+    create: bool = typer.Option(True, "--create/--no-create", help="Create missing topics before starting."),
+) -> None:
+    """Consume history updates in micro-batches and publish recommendations (STREAMREC_MODEL__BASE)."""
+    run_worker("infer", loglevel, create)
+
+
+def run_worker(role: str, loglevel: str, create: bool) -> None:
+    import faust
+
     from agents.app import create_app
-    from streamrec.broker import create_topics
+    from streamrec.broker import create_topics, seal_partitions
 
     settings = _settings()
     if create:
         create_topics(settings.kafka, settings.topics)
-    streams = create_app(settings, roles=("ingest",))
-    run_worker(streams, loglevel)
-
-
-def run_worker(streams: Streams, loglevel: str) -> None:
-    import faust
-
-    from streamrec.broker import seal_partitions
-
-    changelogs = [table.changelog_topic.get_topic_name() for table in streams.app.tables.values()]
-    seal_partitions(streams.settings.kafka, changelogs)
-    faust.Worker(streams.app, loglevel=loglevel).execute_from_commandline()
+    app = create_app(settings, role)
+    # Tables restore from these topics at start; see seal_partitions for why they are sealed first.
+    restored = [table.changelog_topic.get_topic_name() for table in app.tables.values()]
+    seal_partitions(settings.kafka, restored)
+    faust.Worker(app, loglevel=loglevel).execute_from_commandline()
 
 
 @app.command()
@@ -146,9 +150,7 @@ def simulate(
 
     settings = _settings()
     if catalog:
-        console.print(
-            f"catalog: {send_catalog(settings, make_catalog(cfg))} items -> {settings.topics.catalog}"
-        )
+        console.print(f"catalog: {send_catalog(settings, make_catalog(cfg))} items -> {settings.topics.catalog}")
     with Progress(console=console) as progress:
         task = progress.add_task(f"events -> {settings.kafka.bootstrap_servers}", total=count)
         stats = send_events(
@@ -175,9 +177,7 @@ def bench_ingest(
 
 @app.command()
 def demo(
-    duration: float | None = typer.Option(
-        None, help="Seconds to run, then stop cleanly (default: until Ctrl-C)."
-    ),
+    duration: float | None = typer.Option(None, help="Seconds to run, then stop cleanly (default: until Ctrl-C)."),
     rate: float = typer.Option(200.0, help="Simulated events per second."),
     users: int = typer.Option(300, help="Simulated users."),
     items: int = typer.Option(500, help="Catalog size."),

@@ -1,0 +1,152 @@
+"""Inference agent: history updates -> micro-batches (newest history per user) -> generation in a
+dedicated thread -> one recommendation per user on the recommendations topic."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import faust
+
+from streamrec.catalog import Catalog
+from streamrec.errors import InvalidMessage
+from streamrec.events import CatalogItem, DeadLetter, HistoryUpdate, TrendingSnapshot, parse
+from streamrec.generation import Generator
+from streamrec.metrics import FRESHNESS_SECONDS, GENERATION_SECONDS, INFER_BATCH, MODEL_INFO, RECOMMENDATIONS
+from streamrec.settings import KafkaSettings, Settings, client_config
+from streamrec.trending import merge_snapshots
+
+log = logging.getLogger(__name__)
+
+
+class TopicMirror:
+    """The newest value per key of a compacted topic, kept up to date by a plain aiokafka consumer
+    that reads every partition from the beginning (no consumer group: each worker keeps a copy)."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self.kafka, self.topic = kafka, topic
+        self.values: dict[bytes, bytes] = {}
+
+    async def run(self) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            **client_config(self.kafka),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.kafka.fetch_max_wait_ms,
+        )
+        await consumer.start()
+        try:
+            parts = consumer.partitions_for_topic(self.topic)
+            while not parts:
+                await asyncio.sleep(1.0)
+                await consumer.force_metadata_update()  # type: ignore[no-untyped-call]
+                parts = consumer.partitions_for_topic(self.topic)
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            while True:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for record in records:
+                        if record.key is None:
+                            continue
+                        if record.value is None:
+                            self.values.pop(record.key, None)  # a tombstone deletes the key
+                        else:
+                            self.values[record.key] = record.value
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("mirror of %s stopped", self.topic)
+            raise
+        finally:
+            await consumer.stop()
+
+
+def read_catalog(table: Mapping[bytes, bytes]) -> Catalog:
+    """The catalog as a Catalog, skipping entries that do not validate (the ingest worker's catalog
+    agent sends those to the dead-letter topic)."""
+    items = []
+    for value in list(table.values()):
+        try:
+            items.append(parse(CatalogItem, value))
+        except InvalidMessage:
+            continue
+    return Catalog(items)
+
+
+def read_trending(table: Mapping[bytes, bytes]) -> dict[str, float]:
+    snapshots = []
+    for value in list(table.values()):
+        try:
+            snapshots.append(parse(TrendingSnapshot, value).items)
+        except InvalidMessage:
+            continue
+    return merge_snapshots(snapshots)
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    topics, serve = settings.topics, settings.serve
+    updates = app.topic(topics.history_updates, key_type=bytes, value_type=bytes)
+    recommendations = app.topic(topics.recommendations, key_type=bytes, value_type=bytes)
+    dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
+    # Every worker needs the whole catalog and every partition's trending snapshot: mirror both
+    # compacted topics into memory, outside the consumer group.
+    catalog = TopicMirror(settings.kafka, topics.catalog)
+    trending = TopicMirror(settings.kafka, topics.trending)
+    app.add_future(catalog.run())
+    app.add_future(trending.run())
+    generator = Generator(settings)
+    # One thread: generation is serialised and never blocks the event loop, so heartbeats and
+    # commits go on while a slow batch runs.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+    refreshed = {"at": 0.0}
+
+    async def refresh_catalog(loop: asyncio.AbstractEventLoop) -> None:
+        if time.monotonic() - refreshed["at"] < serve.catalog_refresh_s and generator.recommender is not None:
+            return
+        refreshed["at"] = time.monotonic()
+        current = read_catalog(catalog.values)
+        if not current.available_ids:
+            return
+        key = (len(current), hash(tuple((i.item_id, i.available, i.title) for i in current)))
+        await loop.run_in_executor(executor, generator.set_catalog, current, key)
+        if generator.recommender is not None:
+            version = generator.recommender.version
+            MODEL_INFO.info({"base": version.base, "adapter": version.adapter or ""})
+
+    @app.agent(updates, name="infer")
+    async def infer(stream: faust.StreamT[bytes]) -> None:
+        assert isinstance(stream, faust.Stream)  # take_events is not on the StreamT protocol
+        loop = asyncio.get_running_loop()
+        async for events in stream.take_events(serve.batch_size, within=serve.batch_within_s):
+            newest: dict[str, HistoryUpdate] = {}
+            for raw in events:
+                try:
+                    update = parse(HistoryUpdate, raw.message.value)
+                except InvalidMessage as exc:
+                    m = raw.message
+                    letter = DeadLetter.of(m.value, m.key, str(exc), m.topic, m.partition, m.offset)
+                    await dlq.send(key=m.key, value=letter.model_dump_json().encode())
+                    continue
+                newest[update.user_id] = update  # one user's updates arrive in order: keep the last
+            await refresh_catalog(loop)
+            if not newest or generator.recommender is None:
+                if newest:
+                    log.warning("no catalog yet: %d history updates skipped", len(newest))
+                continue
+            batch = list(newest.values())
+            INFER_BATCH.observe(len(batch))
+            started = time.perf_counter()
+            recs = await loop.run_in_executor(executor, generator.generate, batch, read_trending(trending.values))
+            GENERATION_SECONDS.observe(time.perf_counter() - started)
+            for update, rec in zip(batch, recs, strict=True):
+                await recommendations.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
+                kind = "model" if any(i.reason and "model" in i.reason for i in rec.items) else "trending"
+                RECOMMENDATIONS.labels(kind=kind).inc()
+                if update.trigger_appended_at is not None:
+                    FRESHNESS_SECONDS.observe(time.time() - update.trigger_appended_at.timestamp())

@@ -1,0 +1,106 @@
+"""The inference worker's generation step: history updates in, Recommendation messages out. It owns
+the Recommender and runs in the worker's generation thread, never on the event loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from streamrec.catalog import Catalog
+from streamrec.events import HistoryUpdate, Recommendation, RecommendedItem, utcnow
+from streamrec.instructions import RecRequest
+from streamrec.serving import model_weight, serve_list
+from streamrec.settings import Settings
+
+if TYPE_CHECKING:
+    from streamrec.model import Recommender
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+
+
+def tiny_dir(settings: Settings) -> Path:
+    """Where `STREAMREC_MODEL__BASE=tiny` looks for a trained tiny model (the demo writes one)."""
+    return settings.data_dir / "models" / TINY
+
+
+def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
+    """The configured model over `catalog`: a hub id or directory, or `tiny` (the trained tiny
+    model under the data dir when there is one, else an untrained one built for this catalog)."""
+    from streamrec.model import Recommender
+
+    cfg = settings.model
+    if cfg.base == TINY:
+        trained = tiny_dir(settings)
+        if (trained / "config.json").is_file():
+            return Recommender.load(str(trained), cfg.device, catalog=catalog, task=cfg.task, use_blend=cfg.blend)
+        log.warning("no trained tiny model in %s: serving an untrained one (run `streamrec demo` or train)", trained)
+        return Recommender.build_tiny(catalog, device=cfg.device)
+    return Recommender.load(
+        cfg.base, cfg.device, scheme=cfg.scheme, catalog=catalog, task=cfg.task, use_blend=cfg.blend
+    )
+
+
+class Generator:
+    """Turns a batch of history updates into one Recommendation per user."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.recommender: Recommender | None = None
+        self.catalog = Catalog([])
+        self._catalog_key: tuple[int, int] | None = None
+
+    def set_catalog(self, catalog: Catalog, key: tuple[int, int]) -> None:
+        """Use a new catalog from the next batch on (`key` identifies its content cheaply)."""
+        if key == self._catalog_key:
+            return
+        self.catalog = catalog
+        self._catalog_key = key
+        if self.recommender is None:
+            self.recommender = load_recommender(self.settings, catalog)
+            log.info("model loaded: %s", self.recommender.version)
+        else:
+            self.recommender.set_catalog(catalog)
+
+    def generate(self, updates: Sequence[HistoryUpdate], trending: Mapping[str, float]) -> list[Recommendation]:
+        if self.recommender is None:
+            raise RuntimeError("no catalog yet: call set_catalog first")
+        serve = self.settings.serve
+        k = self.settings.model.top_k
+        if serve.inject_delay_s:
+            time.sleep(serve.inject_delay_s)
+        requests = [RecRequest.from_events(u.events) for u in updates]
+        # The model only sees users it has something to say about; brand-new users get trending.
+        modelled = [n for n, u in enumerate(updates) if model_weight(len(u.events), serve.cold_start_full_at) > 0]
+        lists = self.recommender.recommend([requests[n] for n in modelled], k=k) if modelled else []
+        model_lists = dict(zip(modelled, lists, strict=True))
+        available = set(self.catalog.available_ids)
+        version = self.recommender.version
+        out = []
+        for n, (update, request) in enumerate(zip(updates, requests, strict=True)):
+            served = serve_list(
+                model_lists.get(n, []),
+                trending,
+                history_len=len(update.events),
+                full_at=serve.cold_start_full_at,
+                k=k,
+                available=available,
+                exclude=request.exclude,
+            )
+            out.append(
+                Recommendation(
+                    rec_id=uuid.uuid4().hex,
+                    user_id=update.user_id,
+                    items=[RecommendedItem(item_id=s.item_id, score=s.score, reason=s.reason) for s in served],
+                    model=version,
+                    trigger_event_id=update.trigger_event_id,
+                    event_ts=update.event_ts,
+                    generated_at=utcnow(),
+                )
+            )
+        return out

@@ -1,0 +1,34 @@
+"""Prometheus metrics every worker exports on /metrics. Names are part of the operations contract
+(dashboards and alerts use them): change them only with the dashboards."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+EVENTS_CONSUMED = Counter("streamrec_events_consumed_total", "Input messages read by the ingest agent.", ["topic"])
+EVENTS_REJECTED = Counter("streamrec_events_rejected_total", "Messages sent to the dead-letter topic.", ["topic"])
+EVENTS_DUPLICATE = Counter("streamrec_events_duplicate_total", "Events dropped as already seen.")
+HISTORY_UPDATES = Counter("streamrec_history_updates_total", "History updates published.")
+INGEST_BATCH = Histogram(
+    "streamrec_ingest_batch_events",
+    "Events per ingest batch.",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
+)
+
+RECOMMENDATIONS = Counter("streamrec_recommendations_total", "Recommendations published.", ["kind"])
+INFER_BATCH = Histogram(
+    "streamrec_infer_batch_users", "Users per generation batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+GENERATION_SECONDS = Histogram(
+    "streamrec_generation_seconds",
+    "Wall time of one generation batch.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FRESHNESS_SECONDS = Histogram(
+    "streamrec_freshness_seconds",
+    "From the trigger event's arrival in Kafka to its recommendation being published.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2, 5, 10, 30),
+)
+CONSUMER_LAG = Gauge("streamrec_consumer_lag", "Messages not yet read, per topic.", ["topic"])
+MODEL_INFO = Info("streamrec_model", "Model in service: base and adapter version.")
+ADAPTER_SWAPS = Counter("streamrec_adapter_swaps_total", "Adapter versions put in service.")

@@ -1,0 +1,56 @@
+"""Rolling item popularity for cold start: exponentially decayed counts in event time. Pure.
+
+Each ingest worker keeps one Trending per input partition it owns and publishes a snapshot of its
+top items; inference workers add the latest snapshot of every partition together."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+PURCHASE_WEIGHT = 3.0  # a purchase says more about what is wanted now than a click
+
+
+@dataclass
+class Trending:
+    """Counts that halve every `half_life_s` seconds of event time. Stored relative to a reference
+    time so adding an event costs O(1); `snapshot` brings them to the newest time seen."""
+
+    half_life_s: float = 3600.0
+    ref_ts: float = 0.0
+    counts: dict[str, float] = field(default_factory=dict)
+    newest_ts: float = 0.0
+
+    def _factor(self, ts: float) -> float:
+        return math.pow(2.0, (ts - self.ref_ts) / self.half_life_s)
+
+    def add(self, item_id: str, ts: float, weight: float = 1.0) -> None:
+        if not self.counts:
+            self.ref_ts = ts
+        # Re-base before the exponent grows past float range (~700 half-lives).
+        if ts - self.ref_ts > 50 * self.half_life_s:
+            self._rebase(ts)
+        self.counts[item_id] = self.counts.get(item_id, 0.0) + weight * self._factor(ts)
+        self.newest_ts = max(self.newest_ts, ts)
+
+    def _rebase(self, ts: float) -> None:
+        scale = 1.0 / self._factor(ts)
+        self.counts = {i: c * scale for i, c in self.counts.items() if c * scale > 1e-6}
+        self.ref_ts = ts
+
+    def snapshot(self, n: int) -> dict[str, float]:
+        """The top `n` items with their decayed counts as of the newest event seen."""
+        scale = 1.0 / self._factor(self.newest_ts) if self.counts else 1.0
+        top = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+        return {item: count * scale for item, count in top}
+
+
+def merge_snapshots(snapshots: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Sum per-partition snapshots. Users are spread over partitions, so the sum estimates the
+    global count (each partition's snapshot is its own top items, so the tail is approximate)."""
+    total: dict[str, float] = {}
+    for snap in snapshots:
+        for item, count in snap.items():
+            total[item] = total.get(item, 0.0) + count
+    return total

@@ -1,0 +1,85 @@
+"""Business rules and the cold-start blend, and decayed trending counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from streamrec.catalog import ScoredItem
+from streamrec.serving import model_weight, serve_list
+from streamrec.trending import Trending, merge_snapshots
+
+AVAILABLE = {f"i{n}" for n in range(10)}
+
+
+def test_new_user_gets_trending_only() -> None:
+    out = serve_list(
+        [ScoredItem("i1", -0.1)],
+        {"i5": 10.0, "i6": 5.0},
+        history_len=0,
+        full_at=5,
+        k=3,
+        available=AVAILABLE,
+        exclude=set(),
+    )
+    assert [s.item_id for s in out] == ["i5", "i6"]
+    assert {s.reason for s in out} == {"trending"}
+    assert out[0].score == pytest.approx(10 / 15)
+
+
+def test_established_user_gets_the_model_list() -> None:
+    model = [ScoredItem("i1", math.log(0.5)), ScoredItem("i2", math.log(0.25))]
+    out = serve_list(model, {"i5": 10.0}, history_len=9, full_at=5, k=3, available=AVAILABLE, exclude=set())
+    assert [s.item_id for s in out] == ["i1", "i2"]
+    assert out[0].score == pytest.approx(2 / 3)  # renormalised over the list
+
+
+def test_blend_in_between_and_reasons() -> None:
+    model = [ScoredItem("i1", 0.0), ScoredItem("i5", 0.0)]
+    out = serve_list(model, {"i5": 1.0, "i7": 1.0}, history_len=2, full_at=4, k=5, available=AVAILABLE, exclude=set())
+    by_id = {s.item_id: s for s in out}
+    assert by_id["i5"].reason == "model+trending" and by_id["i5"].score == pytest.approx(0.5)
+    assert by_id["i1"].score == pytest.approx(0.25) and by_id["i7"].score == pytest.approx(0.25)
+    assert out[0].item_id == "i5"
+
+
+def test_rules_hold_whatever_the_inputs() -> None:
+    model = [ScoredItem("i1", 0.0), ScoredItem("gone", 0.0), ScoredItem("i2", -1.0), ScoredItem("i1", -2.0)]
+    out = serve_list(
+        model,
+        {"i2": 3.0, "nope": 9.0, "i3": 1.0},
+        history_len=1,
+        full_at=2,
+        k=2,
+        available=AVAILABLE,
+        exclude={"i2"},
+    )
+    ids = [s.item_id for s in out]
+    assert len(ids) == len(set(ids)) <= 2
+    assert not {"gone", "nope", "i2"} & set(ids)
+
+
+def test_model_weight() -> None:
+    assert [model_weight(n, 4) for n in (0, 1, 4, 40)] == [0.0, 0.25, 1.0, 1.0]
+    assert model_weight(0, 0) == 1.0
+
+
+def test_trending_decays_in_event_time() -> None:
+    t = Trending(half_life_s=100.0)
+    t.add("old", ts=1000.0, weight=8.0)
+    t.add("new", ts=1300.0, weight=2.0)  # three half-lives later: "old" is worth 1 now
+    snap = t.snapshot(5)
+    assert snap["old"] == pytest.approx(1.0) and snap["new"] == pytest.approx(2.0)
+    assert list(t.snapshot(1)) == ["new"]
+
+
+def test_trending_survives_long_streams() -> None:
+    t = Trending(half_life_s=1.0)
+    for step in range(5000):
+        t.add("a", ts=float(step))
+    assert t.snapshot(1)["a"] == pytest.approx(2.0, rel=1e-3)  # geometric series 1 + 1/2 + ...
+
+
+def test_merge_adds_partitions() -> None:
+    assert merge_snapshots([{"a": 1.0, "b": 2.0}, {"a": 3.0}]) == {"a": 4.0, "b": 2.0}
