@@ -1,16 +1,19 @@
 """`streamrec demo`: the whole pipeline on one machine. Starts the embedded broker (unless
-STREAMREC_KAFKA__BOOTSTRAP_SERVERS is set), creates the topics, runs the workers as child processes,
-drives simulated traffic into them and shows a live view until --duration or Ctrl-C."""
+STREAMREC_KAFKA__BOOTSTRAP_SERVERS is set), creates the topics, gets a model, runs the ingest and
+inference workers as child processes, drives simulated traffic into them and shows a live view
+until --duration or Ctrl-C. Nothing is left running when it returns."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,37 +23,44 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from streamrec.broker import EmbeddedBroker, create_topics
-from streamrec.events import HistoryUpdate
+from streamrec.broker import EmbeddedBroker, create_topics, free_port
+from streamrec.events import Event, Recommendation
 from streamrec.runner import spawn_worker, stop_process, wait_http
 from streamrec.settings import KafkaSettings, Settings, client_config
 from streamrec.simulate import SimConfig, generate_events, make_catalog
 from streamrec.traffic import SendStats, send_catalog, send_events
+
+TRAIN_EVENTS = 30_000  # simulated history the tiny model learns from before the live stream
 
 
 @dataclass
 class Watch:
     """What the demo has seen on the output topics, updated by a consumer thread."""
 
-    updates: int = 0
+    recommendations: int = 0
     dead_letters: int = 0
-    latest: dict[str, HistoryUpdate] = field(default_factory=dict)
-    rate_marks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=10))
+    latest: dict[str, Recommendation] = field(default_factory=dict)
+    freshness: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    marks: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=10))
 
     def rate(self) -> float:
-        if len(self.rate_marks) < 2:
+        if len(self.marks) < 2:
             return 0.0
-        (t0, n0), (t1, n1) = self.rate_marks[0], self.rate_marks[-1]
+        (t0, n0), (t1, n1) = self.marks[0], self.marks[-1]
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
+    def percentile(self, q: float) -> float | None:
+        values = sorted(self.freshness)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
-def _watch(settings: Settings, watch: Watch, stop: threading.Event) -> None:
+
+def _watch(settings: Settings, watch: Watch, sent: SendStats, stop: threading.Event) -> None:
     from kafka import KafkaConsumer
 
     consumer: Any = KafkaConsumer(
         **client_config(settings.kafka), auto_offset_reset="earliest", enable_auto_commit=False
     )
-    consumer.subscribe([settings.topics.history_updates, settings.topics.dlq])
+    consumer.subscribe([settings.topics.recommendations, settings.topics.dlq])
     try:
         while not stop.is_set():
             for tp, records in consumer.poll(timeout_ms=300).items():
@@ -58,38 +68,91 @@ def _watch(settings: Settings, watch: Watch, stop: threading.Event) -> None:
                     if tp.topic == settings.topics.dlq:
                         watch.dead_letters += 1
                         continue
-                    update = HistoryUpdate.model_validate_json(record.value)
-                    watch.updates += 1
-                    watch.latest[update.user_id] = update
+                    rec = Recommendation.model_validate_json(record.value)
+                    watch.recommendations += 1
+                    watch.latest[rec.user_id] = rec
+                    appended = sent.appended.get(rec.trigger_event_id or "")
+                    if appended is not None:
+                        watch.freshness.append(record.timestamp / 1000 - appended)
     finally:
         consumer.close()
 
 
-def _view(
-    watch: Watch, sent: SendStats, started: float, titles: dict[str, str], followed: list[str]
-) -> Group:
+def _view(watch: Watch, sent: SendStats, started: float, titles: dict[str, str], followed: list[str]) -> Group:
     now = time.monotonic()
+    p50, p99 = watch.percentile(0.5), watch.percentile(0.99)
+    model = next(iter(watch.latest.values())).model if watch.latest else None
     stats = Table.grid(padding=(0, 3))
     stats.add_row(
-        f"[bold]running[/] {now - started:5.0f}s",
-        f"[bold]events sent[/] {sent.sent:,} ({sent.sent / max(now - started, 1e-6):,.0f}/s)",
-        f"[bold]history updates[/] {watch.updates:,} ({watch.rate():,.0f}/s)",
-        f"[bold]dead letters[/] {watch.dead_letters}",
+        f"[bold]running[/] {now - started:4.0f}s",
+        f"[bold]events[/] {sent.sent:,} ({sent.sent / max(now - started, 1e-6):,.0f}/s)",
+        f"[bold]recommendations[/] {watch.recommendations:,} ({watch.rate():,.0f}/s)",
     )
-    users = Table(title="latest histories (newest last)", expand=True)
+    stats.add_row(
+        f"[bold]dead letters[/] {watch.dead_letters}",
+        "[bold]freshness[/] " + (f"p50 {p50 * 1000:,.0f} ms  p99 {p99 * 1000:,.0f} ms" if p50 and p99 else "-"),
+        "[bold]model[/] " + (f"{model.base} adapter {model.adapter or '-'}" if model else "-"),
+    )
+    users = Table(title="latest recommendations", expand=True)
     users.add_column("user")
-    users.add_column("events", justify="right")
-    users.add_column("last items")
+    users.add_column("top items (why)")
     for user in followed:
-        update = watch.latest.get(user)
-        if update is None:
-            continue
-        last = ", ".join(
-            f"{'$' if e.type == 'purchase' else ''}{titles.get(e.item_id, e.item_id)}"
-            for e in update.events[-3:]
-        )
-        users.add_row(user, str(len(update.events)), last)
+        rec = watch.latest.get(user)
+        if rec is not None:
+            top = ", ".join(f"{titles.get(i.item_id, i.item_id)} ({i.reason})" for i in rec.items[:3])
+            users.add_row(user, top)
     return Group(Panel(stats, title="streamrec demo"), users)
+
+
+def prepare_model(settings: Settings, cfg: SimConfig, history: list[Event], console: Console) -> str:
+    """The model the inference worker will serve: the configured checkpoint when it is available
+    here; otherwise the tiny T5, trained now on simulated history."""
+    from streamrec.generation import TINY, tiny_dir
+
+    base = settings.model.base
+    if base != TINY and (Path(base).is_dir() or _in_hub_cache(base)):
+        console.print(f"model: {base}")
+        return base
+    if base != TINY:
+        console.print(f"[yellow]model {base!r} is not available offline: training the tiny T5 instead[/]")
+    from streamrec.datasets import LogEvent
+    from streamrec.evaluation import leave_one_out
+    from streamrec.model import resolve_device
+    from streamrec.settings import TrainSettings
+    from streamrec.training import train
+
+    log = [LogEvent(e.user_id, e.item_id, e.ts.timestamp(), e.type.value, n) for n, e in enumerate(history)]
+    budget = TrainSettings(epochs=8, max_minutes=1.5, eval_users=300, patience=2)
+    console.print(
+        f"training the tiny T5 on {len(history):,} simulated events "
+        f"({resolve_device(settings.model.device)}, at most {budget.max_minutes:g} min)"
+    )
+    _, report = train(
+        leave_one_out(log),
+        _catalog(cfg),
+        tiny_dir(settings),
+        budget,
+        base=TINY,
+        device=settings.model.device,
+        log=lambda msg: console.print(f"  {msg}"),
+    )
+    console.print(f"tiny T5 ready: validation NDCG@10 {report.best_val_ndcg10:.3f} after {report.seconds:.0f}s")
+    return TINY
+
+
+def _catalog(cfg: SimConfig) -> Any:
+    from streamrec.catalog import Catalog
+
+    return Catalog(make_catalog(cfg))
+
+
+def _in_hub_cache(model_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:
+        return False
 
 
 def run(duration: float | None, rate: float, users: int, items: int, seed: int) -> int:
@@ -113,28 +176,32 @@ def run(duration: float | None, rate: float, users: int, items: int, seed: int) 
         catalog = make_catalog(cfg)
         send_catalog(settings, catalog)
         titles = {item.item_id: item.title for item in catalog}
+        # One long stream: its start is the history the model learns from, the rest goes live.
+        stream: Iterator[Event] = generate_events(cfg, 10_000_000)
+        history = list(itertools.islice(stream, TRAIN_EVENTS))
+        model = prepare_model(settings, cfg, history, console)
+        settings = settings.model_copy(update={"model": settings.model.model_copy(update={"base": model})})
 
         logs = data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        console.print(f"starting the ingest worker (log: {logs / 'ingest.log'})")
-        ingest = spawn_worker("ingest", settings, log=logs / "ingest.log")
-        stack.callback(stop_process, ingest)
-        wait_http(f"http://127.0.0.1:{settings.web_port}/healthz", timeout=120, proc=ingest)
+        workers = {}
+        for role in ("ingest", "infer"):
+            role_settings = settings.model_copy(update={"web_port": free_port()})
+            console.print(f"starting the {role} worker (log: {logs / role}.log)")
+            proc = spawn_worker(role, role_settings, log=logs / f"{role}.log")
+            stack.callback(stop_process, proc)
+            workers[role] = (proc, role_settings.web_port)
+        for role, (proc, port) in workers.items():
+            wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
 
         stop = threading.Event()
         stack.callback(stop.set)
-        watch = Watch()
-        threading.Thread(target=_watch, args=(settings, watch, stop), daemon=True).start()
         sent = SendStats()
+        watch = Watch()
+        threading.Thread(target=_watch, args=(settings, watch, sent, stop), daemon=True).start()
         sender = threading.Thread(
             target=send_events,
-            kwargs={
-                "settings": settings,
-                "events": generate_events(cfg, 10_000_000),
-                "rate": rate,
-                "stats": sent,
-                "stop": stop,
-            },
+            kwargs={"settings": settings, "events": stream, "rate": rate, "stats": sent, "stop": stop},
             daemon=True,
         )
         sender.start()
@@ -150,12 +217,11 @@ def run(duration: float | None, rate: float, users: int, items: int, seed: int) 
         try:
             with Live(console=console, refresh_per_second=2) as live:
                 while duration is None or time.monotonic() - started < duration:
-                    if ingest.poll() is not None:
-                        console.print(
-                            f"[red]the ingest worker stopped (code {ingest.returncode}); see its log[/]"
-                        )
-                        return 1
-                    watch.rate_marks.append((time.monotonic(), watch.updates))
+                    for role, (proc, _) in workers.items():
+                        if proc.poll() is not None:
+                            console.print(f"[red]the {role} worker stopped (code {proc.returncode}); see its log[/]")
+                            return 1
+                    watch.marks.append((time.monotonic(), watch.recommendations))
                     if len(followed) < 5:
                         followed += [u for u in list(watch.latest) if u not in followed][: 5 - len(followed)]
                     live.update(_view(watch, sent, started, titles, followed))
@@ -164,5 +230,10 @@ def run(duration: float | None, rate: float, users: int, items: int, seed: int) 
             interrupted = True
         stop.set()
         sender.join(timeout=10)
-        console.print(("interrupted" if interrupted else "done") + ": stopping the workers and the broker")
+        p50, p99 = watch.percentile(0.5), watch.percentile(0.99)
+        console.print(
+            f"{'interrupted' if interrupted else 'done'}: {sent.sent:,} events, {watch.recommendations:,} "
+            f"recommendations, freshness p50 {1000 * (p50 or 0):.0f} ms p99 {1000 * (p99 or 0):.0f} ms; "
+            "stopping the workers and the broker"
+        )
     return 0

@@ -44,8 +44,7 @@ class KafkaSettings(_Section):
         sasl_complete = self.sasl_mechanism and self.sasl_username and self.sasl_password
         if self.security_protocol.startswith("SASL") and not sasl_complete:
             raise ValueError(
-                f"security_protocol={self.security_protocol} needs sasl_mechanism, sasl_username "
-                "and sasl_password"
+                f"security_protocol={self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password"
             )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together")
@@ -82,6 +81,7 @@ class TopicSettings(_Section):
     history_updates: str = "streamrec.history-updates"
     recommendations: str = "streamrec.recommendations"
     adapters: str = "streamrec.adapters"
+    trending: str = "streamrec.trending"
     partitions: int = Field(default=4, ge=1, description="Partitions for topics streamrec creates.")
     replication_factor: int = Field(default=1, ge=1)
 
@@ -95,6 +95,24 @@ class IngestSettings(_Section):
     batch_size: int = Field(default=500, ge=1, description="Most events the ingest agent handles at once.")
     batch_within_s: float = Field(default=0.05, gt=0, description="Longest wait to fill a batch.")
     cache_users: int = Field(default=20_000, ge=0, description="Decoded user states kept in memory.")
+
+
+class TrendingSettings(_Section):
+    half_life_s: float = Field(default=3600.0, gt=0, description="Event-time half-life of popularity counts.")
+    publish_interval_s: float = Field(default=2.0, gt=0, description="How often ingest publishes trending items.")
+    top_n: int = Field(default=200, ge=1, description="Items per published trending snapshot.")
+
+
+class ServeSettings(_Section):
+    batch_size: int = Field(default=64, ge=1, description="Most users in one generation batch.")
+    batch_within_s: float = Field(default=0.1, gt=0, description="Longest wait to fill a batch.")
+    cold_start_full_at: int = Field(
+        default=5, ge=0, description="History length from which the model's list is served alone."
+    )
+    catalog_refresh_s: float = Field(default=5.0, gt=0, description="How often a changed catalog is re-read.")
+    inject_delay_s: float = Field(
+        default=0.0, ge=0, description="Fault injection: extra seconds each generation takes (tests, drills)."
+    )
 
 
 class ModelSettings(_Section):
@@ -134,26 +152,18 @@ class TrainSettings(_Section):
     finetune_lr: float = Field(default=3e-4, gt=0, description="Peak learning rate for a pretrained base.")
     lora_lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
-    warmup: float = Field(
-        default=0.05, ge=0, lt=1, description="Share of the planned steps spent warming up."
-    )
-    patience: int = Field(
-        default=3, ge=1, description="Epochs without a better validation NDCG@10 before stopping."
-    )
+    warmup: float = Field(default=0.05, ge=0, lt=1, description="Share of the planned steps spent warming up.")
+    patience: int = Field(default=3, ge=1, description="Epochs without a better validation NDCG@10 before stopping.")
     max_minutes: float = Field(default=20.0, gt=0, description="Wall-clock budget for the training loop.")
     eval_users: int = Field(default=1000, ge=1, description="Validation users scored after each epoch.")
-    cold_start_share: float = Field(
-        default=0.05, ge=0, le=1, description="Share of examples using cold-start text."
-    )
+    cold_start_share: float = Field(default=0.05, ge=0, le=1, description="Share of examples using cold-start text.")
     d_model: int = Field(default=128, ge=8, description="tiny: hidden size.")
     d_ff: int = Field(default=512, ge=8, description="tiny: feed-forward size.")
     num_layers: int = Field(default=2, ge=1, description="tiny: encoder layers.")
     num_decoder_layers: int = Field(default=1, ge=1, description="tiny: decoder layers.")
     num_heads: int = Field(default=4, ge=1, description="tiny: attention heads.")
     dropout: float = Field(default=0.1, ge=0, lt=1)
-    text_vocab: int = Field(
-        default=3000, ge=100, description="tiny: tokenizer vocabulary before item tokens."
-    )
+    text_vocab: int = Field(default=3000, ge=100, description="tiny: tokenizer vocabulary before item tokens.")
     lora_r: int = Field(default=8, ge=1)
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
@@ -176,6 +186,8 @@ class Settings(BaseSettings):
     topics: TopicSettings = TopicSettings()
     history: HistorySettings = HistorySettings()
     ingest: IngestSettings = IngestSettings()
+    trending: TrendingSettings = TrendingSettings()
+    serve: ServeSettings = ServeSettings()
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     rebalance_timeout_s: float = Field(

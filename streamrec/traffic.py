@@ -3,8 +3,10 @@ by user id on the clicks or purchases topic, catalog items by item id."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,14 +21,20 @@ class SendStats:
     sent: int = 0
     # TopicPartition -> next offset, from the broker's acknowledgements.
     ends: dict[Any, int] = field(default_factory=dict)
+    # event id -> the message's Kafka timestamp (s), for the most recent events: where freshness starts.
+    appended: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    keep_appended: int = 200_000
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def acked(self, meta: Any) -> None:
+    def acked(self, event_id: str, meta: Any) -> None:
         from kafka import TopicPartition
 
         tp = TopicPartition(meta.topic, meta.partition)
         with self.lock:
             self.ends[tp] = max(self.ends.get(tp, 0), meta.offset + 1)
+            self.appended[event_id] = meta.timestamp / 1000
+            if len(self.appended) > self.keep_appended:
+                self.appended.popitem(last=False)
 
 
 def send_catalog(settings: Settings, items: Iterable[CatalogItem]) -> int:
@@ -58,7 +66,7 @@ def send_events(
                 break
             topic = settings.topics.clicks if event.type is EventType.CLICK else settings.topics.purchases
             future = prod.send(topic, key=event.user_id.encode(), value=event.model_dump_json().encode())
-            future.add_callback(stats.acked)
+            future.add_callback(functools.partial(stats.acked, event.event_id))
             stats.sent += 1
             if on_sent is not None:
                 on_sent(stats.sent)

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import TopicPartition
+from streamtest import Ends, send_raw, start_worker
 
-from streamrec.broker import create_topics, producer, read_topic
+from streamrec.broker import create_topics, read_topic
 from streamrec.events import DeadLetter
-from streamrec.runner import committed_offsets, spawn_worker, stop_process, wait_caught_up, wait_http
+from streamrec.runner import committed_offsets, stop_process, wait_caught_up
 from streamrec.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -82,34 +82,11 @@ def oracle(events: list[dict[str, Any]]) -> dict[str, list[tuple[str, str, str, 
     return {u: sorted(evs, key=lambda x: (x[3], x[0]))[-MAX_EVENTS:] for u, evs in per_user.items()}
 
 
-Ends = dict[Any, int]
-
-
 def send(
-    settings: Settings,
-    messages: list[tuple[str, str, bytes]],
-    rate: float | None = None,
-    ends: Ends | None = None,
+    settings: Settings, messages: list[tuple[str, str, bytes]], rate: float | None = None, ends: Ends | None = None
 ) -> Ends:
-    """messages: (topic field, key, value), sent in order, optionally paced. Returns (and records in
-    `ends`) the next offset of every partition written, from the broker's acknowledgements."""
-    ends = {} if ends is None else ends
-    prod = producer(settings.kafka)
-    start = time.monotonic()
-    futures = []
-    for i, (field, key, value) in enumerate(messages):
-        futures.append(prod.send(getattr(settings.topics, field), key=key.encode(), value=value))
-        if rate and i % 50 == 0:
-            ahead = i / rate - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
-    prod.flush()
-    prod.close()
-    for future in futures:
-        meta = future.get(timeout=30)
-        tp = TopicPartition(meta.topic, meta.partition)
-        ends[tp] = max(ends.get(tp, 0), meta.offset + 1)
-    return ends
+    """messages: (topic field, key, value)."""
+    return send_raw(settings, [(getattr(settings.topics, f), k, v) for f, k, v in messages], rate, ends)
 
 
 def as_message(event: dict[str, Any]) -> tuple[str, str, bytes]:
@@ -133,19 +110,11 @@ def assert_histories(settings: Settings, expected: dict[str, list[tuple[str, str
     assert not mismatched, f"{len(mismatched)} of {len(expected)} users differ, e.g. {mismatched[:3]}"
 
 
-def start_worker(settings: Settings, log: Path) -> Any:
-    proc = spawn_worker("ingest", settings, log=log)
-    wait_http(f"http://127.0.0.1:{settings.web_port}/healthz", timeout=90, proc=proc)
-    return proc
-
-
 def caught_up(settings: Settings, proc: Any, ends: Ends) -> None:
     wait_caught_up(settings.kafka, settings.app_id, ends, timeout=180, proc=proc)
 
 
-def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(
-    make_settings: Any, tmp_path: Path
-) -> None:
+def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(make_settings: Any, tmp_path: Path) -> None:
     settings = make_settings()
     create_topics(settings.kafka, settings.topics)
     rng = random.Random(11)
@@ -167,7 +136,7 @@ def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(
             messages.insert(rng.randrange(len(messages)), (field, source["user_id"], value))
     assert len(messages) == 10_000
 
-    proc = start_worker(settings, tmp_path / "worker.log")
+    proc = start_worker("ingest", settings, tmp_path / "worker.log")
     try:
         caught_up(settings, proc, send(settings, messages))
         assert_histories(settings, oracle(valid))
@@ -178,9 +147,7 @@ def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(
     finally:
         stop_process(proc)
 
-    letters = [
-        DeadLetter.model_validate_json(r.value) for r in read_topic(settings.kafka, settings.topics.dlq)
-    ]
+    letters = [DeadLetter.model_validate_json(r.value) for r in read_topic(settings.kafka, settings.topics.dlq)]
     assert sorted((d.topic, d.raw_bytes()) for d in letters) == sorted(bad)
     assert all(d.error and d.offset >= 0 and 0 <= d.partition < 4 for d in letters)
     reasons = " ".join(d.error for d in letters)
@@ -197,7 +164,7 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     valid = make_events(6_000, users=60, seed=23 if keep_state else 29)
     first, second = valid[:4_000], valid[4_000:]
 
-    proc = start_worker(settings, tmp_path / "worker-1.log")
+    proc = start_worker("ingest", settings, tmp_path / "worker-1.log")
     ends: Ends = {}
     sender = threading.Thread(target=send, args=(settings, [as_message(e) for e in first], 500.0, ends))
     sender.start()
@@ -213,7 +180,7 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
 
     if not keep_state:
         shutil.rmtree(settings.data_dir)
-    proc = start_worker(settings, tmp_path / "worker-2.log")
+    proc = start_worker("ingest", settings, tmp_path / "worker-2.log")
     try:
         # Old events re-sent after the restart, mixed with new ones: all must be recognised.
         rng = random.Random(5)

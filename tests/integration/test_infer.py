@@ -1,0 +1,172 @@
+"""The inference worker with the ingest worker, a real broker and the real tiny T5 code path:
+every active user gets valid recommendations; bad input and slow generation do not stop it."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.request
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from streamtest import send_raw, start_worker
+
+from streamrec.broker import create_topics, free_port, read_topic
+from streamrec.events import CatalogItem, DeadLetter, Recommendation
+from streamrec.runner import stop_process
+from streamrec.settings import Settings
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
+
+T0 = datetime(2024, 6, 1, tzinfo=UTC)
+
+
+def catalog(n: int = 60) -> list[CatalogItem]:
+    return [
+        CatalogItem(item_id=f"it{i:03d}", title=f"thing {i}", category=f"cat{i % 5}", available=i % 7 != 3)
+        for i in range(n)
+    ]
+
+
+def user_events(users: int, per_user: int, items: list[CatalogItem], seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    sellable = [i.item_id for i in items if i.available]
+    out = []
+    for n in range(users * per_user):
+        user = f"user{n % users}"
+        kind = "purchase" if rng.random() < 0.2 else "click"
+        out.append(
+            {
+                "event_id": f"e{seed}-{n}",
+                "user_id": user,
+                "item_id": rng.choice(sellable),
+                "type": kind,
+                "ts": (T0 + timedelta(seconds=n)).isoformat(),
+            }
+        )
+    return out
+
+
+def as_raw(settings: Settings, event: dict[str, Any]) -> tuple[str, str, bytes]:
+    topic = settings.topics.clicks if event["type"] == "click" else settings.topics.purchases
+    return topic, event["user_id"], json.dumps(event).encode()
+
+
+def wait_for_final(settings: Settings, last: dict[str, str], proc: Any, timeout: float = 240) -> list[Recommendation]:
+    """Read recommendations until every user has one triggered by their last event."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, "the inference worker died"
+        recs = [
+            Recommendation.model_validate_json(r.value)
+            for r in read_topic(settings.kafka, settings.topics.recommendations, idle=0.5)
+        ]
+        done = {r.user_id for r in recs if r.trigger_event_id == last.get(r.user_id)}
+        if done >= set(last):
+            return recs
+        assert time.monotonic() < deadline, f"{len(set(last) - done)} users still without a final recommendation"
+        time.sleep(2)
+
+
+def check_rules(recs: list[Recommendation], items: list[CatalogItem], events: list[dict[str, Any]], k: int) -> None:
+    available = {i.item_id for i in items if i.available}
+    bought: dict[str, set[str]] = {}
+    for e in events:
+        if e["type"] == "purchase":
+            bought.setdefault(e["user_id"], set()).add(e["item_id"])
+    order = {e["event_id"]: n for n, e in enumerate(events)}
+    for rec in recs:
+        ids = [i.item_id for i in rec.items]
+        assert 0 < len(ids) <= k
+        assert len(set(ids)) == len(ids), f"duplicates in {ids}"
+        assert set(ids) <= available, f"unknown or unavailable items {set(ids) - available}"
+        # Items bought up to the event that triggered this list are never recommended.
+        upto = order[rec.trigger_event_id or ""]
+        bought_then = {
+            e["item_id"] for e in events[: upto + 1] if e["user_id"] == rec.user_id and e["type"] == "purchase"
+        }
+        assert not set(ids) & bought_then, f"recommended a purchased item to {rec.user_id}"
+        assert rec.model.base == "tiny" and rec.event_ts is not None
+        assert [i.score for i in rec.items] == sorted((i.score for i in rec.items), reverse=True)
+    assert bought, "the test must include purchases"
+
+
+def run_pipeline(make_settings: Any, tmp_path: Path, **overrides: Any) -> tuple[Settings, Settings, Any, Any]:
+    settings = make_settings(model={"base": "tiny", "top_k": 5}, **overrides)
+    create_topics(settings.kafka, settings.topics)
+    infer_settings = settings.model_copy(update={"web_port": free_port()})
+    ingest = start_worker("ingest", settings, tmp_path / "ingest.log")
+    infer = start_worker("infer", infer_settings, tmp_path / "infer.log")
+    return settings, infer_settings, ingest, infer
+
+
+def test_every_active_user_gets_valid_recommendations_despite_bad_input(make_settings: Any, tmp_path: Path) -> None:
+    items = catalog()
+    settings, infer_settings, ingest, infer = run_pipeline(
+        make_settings, tmp_path, serve={"cold_start_full_at": 3, "batch_within_s": 0.05}
+    )
+    try:
+        topics = settings.topics
+        good = [(topics.catalog, i.item_id, i.model_dump_json().encode()) for i in items]
+        bad_catalog = [(topics.catalog, "broken", b"{not json"), (topics.catalog, "notitle", b'{"item_id": "notitle"}')]
+        send_raw(settings, bad_catalog + good)
+        events = user_events(users=30, per_user=8, items=items, seed=1)
+        raw = [as_raw(settings, e) for e in events]
+        # A malformed history update, as a buggy producer of the internal topic would write it.
+        raw.insert(100, (topics.history_updates, "user3", b'{"user_id": "user3", "events": "nope"}'))
+        send_raw(settings, raw, rate=400)
+        last = {e["user_id"]: e["event_id"] for e in events}
+        recs = wait_for_final(settings, last, infer)
+        check_rules(recs, items, events, k=5)
+        reasons = {i.reason for r in recs for i in r.items}
+        assert {"trending", "model"} <= {part for r in reasons if r for part in r.split("+")}
+
+        letters = [DeadLetter.model_validate_json(r.value) for r in read_topic(settings.kafka, topics.dlq)]
+        assert sorted(d.raw_bytes() for d in letters) == sorted(
+            [b"{not json", b'{"item_id": "notitle"}', b'{"user_id": "user3", "events": "nope"}']
+        )
+        with urllib.request.urlopen(f"http://127.0.0.1:{infer_settings.web_port}/metrics") as resp:
+            metrics = resp.read().decode()
+        assert (
+            "streamrec_freshness_seconds_count" in metrics and 'streamrec_model_info{adapter="",base="tiny"}' in metrics
+        )
+    finally:
+        stop_process(infer)
+        stop_process(ingest)
+
+
+def test_generation_slower_than_the_session_timeout_keeps_the_group(make_settings: Any, tmp_path: Path) -> None:
+    """Each generation takes longer than the session timeout: heartbeats must go on meanwhile, or
+    the group would rebalance and the same history updates would be generated twice."""
+    items = catalog(30)
+    settings, infer_settings, ingest, infer = run_pipeline(
+        make_settings, tmp_path, session_timeout_s=4.0, serve={"inject_delay_s": 6.0, "batch_within_s": 0.5}
+    )
+    try:
+        send_raw(settings, [(settings.topics.catalog, i.item_id, i.model_dump_json().encode()) for i in items])
+        events = user_events(users=12, per_user=3, items=items, seed=2)
+        first, second = events[:18], events[18:]
+        send_raw(settings, [as_raw(settings, e) for e in first])
+        time.sleep(4)  # the second half arrives while the first generation is still running
+        send_raw(settings, [as_raw(settings, e) for e in second])
+        recs = wait_for_final(settings, {e["user_id"]: e["event_id"] for e in events}, infer)
+        check_rules(recs, items, events, k=5)
+        triggers = [(r.user_id, r.trigger_event_id) for r in recs]
+        assert len(triggers) == len(set(triggers)), "a history update was generated twice: the group rebalanced"
+        with urllib.request.urlopen(f"http://127.0.0.1:{infer_settings.web_port}/metrics") as resp:
+            metrics = dict(
+                line.split(" ") for line in resp.read().decode().splitlines() if line.startswith("streamrec_generation")
+            )
+        assert (
+            float(metrics["streamrec_generation_seconds_sum"])
+            >= 6.0 * float(metrics["streamrec_generation_seconds_count"])
+            >= 12.0
+        )
+        log = (tmp_path / "infer.log").read_text()
+        assert log.count("Setting newly assigned partitions") == 1, "the worker lost its partitions"
+    finally:
+        stop_process(infer)
+        stop_process(ingest)
