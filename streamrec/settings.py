@@ -195,6 +195,9 @@ class Settings(BaseSettings):
         gt=0,
         description="Consumer-group rebalance timeout; keep it low on the embedded broker.",
     )
+    session_timeout_s: float = Field(
+        default=10.0, gt=0, description="A worker silent for this long is dropped from its consumer group."
+    )
 
 
 def load_settings(**overrides: Any) -> Settings:
