@@ -117,7 +117,8 @@ def register(streams: Streams) -> None:
                         PURCHASE_WEIGHT if event.type == "purchase" else 1,
                     )
                 if changed:
-                    last = accepted[-1]
+                    # Clicks and purchases interleave in any order: the trigger is the newest by event time.
+                    last = max(accepted, key=lambda e: (e.ts, e.event_id))
                     update = HistoryUpdate(
                         user_id=user_id,
                         events=list(new_state.events),

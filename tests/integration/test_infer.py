@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from streamtest import send_raw, start_worker
+from streamtest import caught_up, send_raw, start_worker
 
 from streamrec.broker import create_topics, free_port, read_topic
 from streamrec.events import CatalogItem, DeadLetter, Recommendation
@@ -48,6 +48,42 @@ def user_events(users: int, per_user: int, items: list[CatalogItem], seed: int) 
             }
         )
     return out
+
+
+def final_clicks(events: list[dict[str, Any]], items: list[CatalogItem]) -> list[dict[str, Any]]:
+    """One last click per user, sent once everything before it is ingested: clicks and purchases
+    may interleave in any order, so only these make each user's final trigger certain."""
+    users = sorted({e["user_id"] for e in events})
+    sellable = [i.item_id for i in items if i.available]
+    start = len(events)
+    return [
+        {
+            "event_id": f"final-{u}",
+            "user_id": u,
+            "item_id": sellable[n % len(sellable)],
+            "type": "click",
+            "ts": (T0 + timedelta(seconds=start + n)).isoformat(),
+        }
+        for n, u in enumerate(users)
+    ]
+
+
+def send_and_finish(
+    settings: Settings,
+    events: list[dict[str, Any]],
+    items: list[CatalogItem],
+    ingest: Any,
+    extra: list[tuple[str, str, bytes]] = (),
+) -> list[dict[str, Any]]:
+    """Send `events` (plus `extra` raw messages), wait until ingested, then the final clicks."""
+    raw = [as_raw(settings, e) for e in events]
+    raw[100:100] = list(extra)
+    ends = send_raw(settings, raw, rate=400)
+    inputs = {settings.topics.clicks, settings.topics.purchases}
+    caught_up(settings, settings.app_id, ingest, {tp: end for tp, end in ends.items() if tp.topic in inputs})
+    finals = final_clicks(events, items)
+    send_raw(settings, [as_raw(settings, e) for e in finals])
+    return events + finals
 
 
 def as_raw(settings: Settings, event: dict[str, Any]) -> tuple[str, str, bytes]:
@@ -113,13 +149,12 @@ def test_every_active_user_gets_valid_recommendations_despite_bad_input(make_set
         good = [(topics.catalog, i.item_id, i.model_dump_json().encode()) for i in items]
         bad_catalog = [(topics.catalog, "broken", b"{not json"), (topics.catalog, "notitle", b'{"item_id": "notitle"}')]
         send_raw(settings, bad_catalog + good)
-        events = user_events(users=30, per_user=8, items=items, seed=1)
-        raw = [as_raw(settings, e) for e in events]
         # A malformed history update, as a buggy producer of the internal topic would write it.
-        raw.insert(100, (topics.history_updates, "user3", b'{"user_id": "user3", "events": "nope"}'))
-        send_raw(settings, raw, rate=400)
-        last = {e["user_id"]: e["event_id"] for e in events}
-        recs = wait_for_final(settings, last, infer)
+        broken = (topics.history_updates, "user3", b'{"user_id": "user3", "events": "nope"}')
+        events = send_and_finish(
+            settings, user_events(users=30, per_user=8, items=items, seed=1), items, ingest, [broken]
+        )
+        recs = wait_for_final(settings, {e["user_id"]: e["event_id"] for e in events}, infer)
         check_rules(recs, items, events, k=5)
         reasons = {i.reason for r in recs for i in r.items}
         assert {"trending", "model"} <= {part for r in reasons if r for part in r.split("+")}
@@ -143,15 +178,12 @@ def test_generation_slower_than_the_session_timeout_keeps_the_group(make_setting
     the group would rebalance and the same history updates would be generated twice."""
     items = catalog(30)
     settings, infer_settings, ingest, infer = run_pipeline(
-        make_settings, tmp_path, session_timeout_s=4.0, serve={"inject_delay_s": 6.0, "batch_within_s": 0.5}
+        make_settings, tmp_path, session_timeout_s=4.0, serve={"inject_delay_s": 6.0, "batch_within_s": 0.5, "batch_size": 5}
     )
     try:
         send_raw(settings, [(settings.topics.catalog, i.item_id, i.model_dump_json().encode()) for i in items])
-        events = user_events(users=12, per_user=3, items=items, seed=2)
-        first, second = events[:18], events[18:]
-        send_raw(settings, [as_raw(settings, e) for e in first])
-        time.sleep(4)  # the second half arrives while the first generation is still running
-        send_raw(settings, [as_raw(settings, e) for e in second])
+        # The final clicks arrive while earlier generations are still running.
+        events = send_and_finish(settings, user_events(users=12, per_user=3, items=items, seed=2), items, ingest)
         recs = wait_for_final(settings, {e["user_id"]: e["event_id"] for e in events}, infer)
         check_rules(recs, items, events, k=5)
         triggers = [(r.user_id, r.trigger_event_id) for r in recs]
