@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import signal
-import tempfile
 import threading
 import time
 from collections import deque
@@ -23,10 +21,9 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
-from streamrec.broker import EmbeddedBroker, create_topics, free_port
 from streamrec.events import Event, Recommendation
-from streamrec.runner import spawn_worker, stop_process, wait_http
-from streamrec.settings import KafkaSettings, Settings, client_config
+from streamrec.runner import local_stack, running_workers
+from streamrec.settings import Settings, client_config
 from streamrec.simulate import SimConfig, generate_events, make_catalog
 from streamrec.traffic import SendStats, send_catalog, send_events
 
@@ -159,19 +156,7 @@ def run(duration: float | None, rate: float, users: int, items: int, seed: int) 
     console = Console()
     base = Settings()
     with contextlib.ExitStack() as stack:
-        if "STREAMREC_KAFKA__BOOTSTRAP_SERVERS" in os.environ:
-            kafka = base.kafka
-            data_dir = base.data_dir
-        else:
-            broker = stack.enter_context(EmbeddedBroker())
-            console.print(f"embedded broker on {broker.bootstrap_servers} (memory storage)")
-            kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
-            # A fresh broker has no changelogs: local state from an earlier run would not match it.
-            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streamrec-demo-")))
-        settings = base.model_copy(update={"kafka": kafka, "data_dir": data_dir, "rebalance_timeout_s": 3.0})
-        created = create_topics(kafka, settings.topics)
-        console.print(f"topics ready ({len(created)} created)")
-
+        settings = stack.enter_context(local_stack(base, console.print))
         cfg = SimConfig(users=users, items=items, seed=seed)
         catalog = make_catalog(cfg)
         send_catalog(settings, catalog)
@@ -181,18 +166,7 @@ def run(duration: float | None, rate: float, users: int, items: int, seed: int) 
         history = list(itertools.islice(stream, TRAIN_EVENTS))
         model = prepare_model(settings, cfg, history, console)
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"base": model})})
-
-        logs = data_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        workers = {}
-        for role in ("ingest", "infer"):
-            role_settings = settings.model_copy(update={"web_port": free_port()})
-            console.print(f"starting the {role} worker (log: {logs / role}.log)")
-            proc = spawn_worker(role, role_settings, log=logs / f"{role}.log")
-            stack.callback(stop_process, proc)
-            workers[role] = (proc, role_settings.web_port)
-        for role, (proc, port) in workers.items():
-            wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
+        workers = stack.enter_context(running_workers(settings, ("ingest", "infer"), console.print))
 
         stop = threading.Event()
         stack.callback(stop.set)
@@ -217,7 +191,7 @@ def run(duration: float | None, rate: float, users: int, items: int, seed: int) 
         try:
             with Live(console=console, refresh_per_second=2) as live:
                 while duration is None or time.monotonic() - started < duration:
-                    for role, (proc, _) in workers.items():
+                    for role, proc in workers.items():
                         if proc.poll() is not None:
                             console.print(f"[red]the {role} worker stopped (code {proc.returncode}); see its log[/]")
                             return 1

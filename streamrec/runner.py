@@ -3,13 +3,15 @@ and the tests, which must be able to kill a worker the way an operating system w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -100,3 +102,48 @@ def wait_caught_up(
         if time.monotonic() - start > timeout:
             raise StreamrecError(f"group {group} still {lag} messages behind after {timeout:.0f}s")
         time.sleep(0.25)
+
+
+@contextlib.contextmanager
+def local_stack(base: Settings, say: Callable[[str], None] = print) -> Iterator[Settings]:
+    """Settings for a pipeline on this machine: the configured broker when
+    STREAMREC_KAFKA__BOOTSTRAP_SERVERS is set, else an embedded one (and a fresh temporary data
+    directory, since local state from an earlier broker would not match a new one)."""
+    from streamrec.broker import EmbeddedBroker, create_topics
+
+    with contextlib.ExitStack() as stack:
+        if "STREAMREC_KAFKA__BOOTSTRAP_SERVERS" in os.environ:
+            kafka, data_dir = base.kafka, base.data_dir
+        else:
+            broker = stack.enter_context(EmbeddedBroker())
+            say(f"embedded broker on {broker.bootstrap_servers} (memory storage)")
+            kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streamrec-")))
+        settings = base.model_copy(update={"kafka": kafka, "data_dir": data_dir, "rebalance_timeout_s": 3.0})
+        created = create_topics(kafka, settings.topics)
+        say(f"topics ready ({len(created)} created)")
+        yield settings
+
+
+@contextlib.contextmanager
+def running_workers(
+    settings: Settings, roles: Iterable[str], say: Callable[[str], None] = print
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """Start one worker per role (each on a free web port), wait until each answers, and stop them
+    all on exit, whatever happens."""
+    from streamrec.broker import free_port
+
+    logs = settings.data_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    workers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    try:
+        for role in roles:
+            role_settings = settings.model_copy(update={"web_port": free_port()})
+            say(f"starting the {role} worker (log: {logs / role}.log)")
+            workers[role] = (spawn_worker(role, role_settings, log=logs / f"{role}.log"), role_settings.web_port)
+        for proc, port in workers.values():
+            wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
+        yield {role: proc for role, (proc, _) in workers.items()}
+    finally:
+        for proc, _ in workers.values():
+            stop_process(proc)

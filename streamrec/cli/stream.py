@@ -175,6 +175,25 @@ def bench_ingest(
     run(events, out, users=users)
 
 
+@bench_app.command("infer")
+def bench_infer(
+    users: int = typer.Option(256, help="Simulated users, each with their last 20 events."),
+    repeats: int = typer.Option(3, help="Timed runs per path after one warm-up; medians are reported."),
+    flan: bool = typer.Option(True, "--flan/--no-flan", help="Also measure the Flan-T5-small shape (slow)."),
+    out: Path = typer.Option(Path("bench-infer.json"), help="Where to write the JSON report."),
+) -> None:
+    """Users/s of recommend() batched against one user at a time, same model and histories."""
+    import os
+
+    import torch
+
+    from streamrec.bench.infer import run
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(usable)
+    run(out, users=users, repeats=repeats, flan=flan)
+
+
 @app.command()
 def demo(
     duration: float | None = typer.Option(None, help="Seconds to run, then stop cleanly (default: until Ctrl-C)."),
@@ -187,3 +206,63 @@ def demo(
     from streamrec.demo import run
 
     raise typer.Exit(run(duration, rate, users, items, seed))
+
+
+@bench_app.command("e2e")
+def bench_e2e(
+    rate: float = typer.Option(200.0, help="Events per second to drive."),
+    duration: float = typer.Option(60.0, help="Seconds measured (after a warm-up)."),
+    model: str = typer.Option("tiny", help="STREAMREC_MODEL__BASE for the inference worker."),
+    out: Path = typer.Option(Path("bench-e2e.json"), help="Where to write the JSON report."),
+) -> None:
+    """Freshness (trigger event in Kafka -> recommendation in Kafka) p50/p99 at a fixed event rate."""
+    from streamrec.bench.e2e import run
+
+    run(rate, duration, out, model=model)
+
+
+@app.command()
+def tail(
+    from_beginning: bool = typer.Option(False, help="Start at the oldest recommendation instead of the newest."),
+    count: int = typer.Option(0, help="Stop after this many (0: until Ctrl-C)."),
+) -> None:
+    """Print recommendations as they arrive: user, items with titles, and how old the trigger was."""
+    from datetime import UTC, datetime
+
+    from kafka import KafkaConsumer
+
+    from streamrec.broker import read_topic
+    from streamrec.events import CatalogItem, Recommendation
+    from streamrec.settings import client_config
+
+    settings = _settings()
+    titles: dict[str, str] = {}
+    for record in read_topic(settings.kafka, settings.topics.catalog, idle=0.5):
+        try:
+            item = CatalogItem.model_validate_json(record.value)
+            titles[item.item_id] = item.title
+        except ValueError:
+            continue
+    consumer = KafkaConsumer(
+        **client_config(settings.kafka),
+        auto_offset_reset="earliest" if from_beginning else "latest",
+        enable_auto_commit=False,
+    )
+    consumer.subscribe([settings.topics.recommendations])
+    seen = 0
+    try:
+        for record in consumer:
+            rec = Recommendation.model_validate_json(record.value)
+            published = datetime.fromtimestamp(record.timestamp / 1000, UTC)
+            lag = (published - rec.event_ts).total_seconds() if rec.event_ts else None
+            latency = f"{lag * 1000:,.0f} ms" if lag is not None and 0 <= lag < 3600 else "-"
+            items = ", ".join(f"{titles.get(i.item_id, i.item_id)} ({i.score:.2f})" for i in rec.items[:5])
+            adapter = f"+{rec.model.adapter}" if rec.model.adapter else ""
+            console.print(f"[bold]{rec.user_id}[/] [{latency}, {rec.model.base}{adapter}] {items}")
+            seen += 1
+            if count and seen >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
