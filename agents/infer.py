@@ -44,7 +44,7 @@ class TopicMirror:
             parts = consumer.partitions_for_topic(self.topic)
             while not parts:
                 await asyncio.sleep(1.0)
-                await consumer.force_metadata_update()  # type: ignore[no-untyped-call]
+                await consumer.force_metadata_update()
                 parts = consumer.partitions_for_topic(self.topic)
             tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
             consumer.assign(tps)

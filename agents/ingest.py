@@ -129,7 +129,7 @@ def register(streams: Streams) -> None:
                     await streams.history_updates.send(key=key, value=update.model_dump_json().encode())
                     HISTORY_UPDATES.inc()
 
-    @app.timer(settings.trending.publish_interval_s)
+    @app.timer(settings.trending.publish_interval_s)  # type: ignore[untyped-decorator]
     async def publish_trending() -> None:
         for partition, counts in list(trending.items()):
             snapshot = TrendingSnapshot(partition=partition, items=counts.snapshot(top_n), as_of=utcnow())

@@ -92,7 +92,13 @@ def run(
     ]
     if not freshness:
         raise RuntimeError("no recommendation was published for the measured window; see the worker logs")
-    report = {
+    f = {
+        "p50": statistics.median(freshness),
+        "p90": percentile(freshness, 0.9),
+        "p99": percentile(freshness, 0.99),
+        "max": max(freshness),
+    }
+    report: dict[str, Any] = {
         "benchmark": "e2e",
         "model": model if model != "tiny" else "tiny (untrained weights unless a trained one is under the data dir)",
         "rate_target": rate,
@@ -100,18 +106,12 @@ def run(
         "duration_s": window_end - window_start,
         "events_in_window": sent_in_window,
         "recommendations_in_window": len(freshness),
-        "freshness_s": {
-            "p50": statistics.median(freshness),
-            "p90": percentile(freshness, 0.9),
-            "p99": percentile(freshness, 0.99),
-            "max": max(freshness),
-        },
+        "freshness_s": f,
         "note": "one recommendation per user per micro-batch: events of the same user within a batch share one",
         "users": users,
         "items": items,
         "machine": machine(),
     }
-    f = report["freshness_s"]
     write_report(
         report,
         out,

@@ -178,7 +178,10 @@ def test_generation_slower_than_the_session_timeout_keeps_the_group(make_setting
     the group would rebalance and the same history updates would be generated twice."""
     items = catalog(30)
     settings, infer_settings, ingest, infer = run_pipeline(
-        make_settings, tmp_path, session_timeout_s=4.0, serve={"inject_delay_s": 6.0, "batch_within_s": 0.5, "batch_size": 5}
+        make_settings,
+        tmp_path,
+        session_timeout_s=4.0,
+        serve={"inject_delay_s": 6.0, "batch_within_s": 0.5, "batch_size": 5},
     )
     try:
         send_raw(settings, [(settings.topics.catalog, i.item_id, i.model_dump_json().encode()) for i in items])
