@@ -107,7 +107,8 @@ def register(app: faust.App, settings: Settings) -> None:
     refreshed = {"at": 0.0}
 
     async def refresh_catalog(loop: asyncio.AbstractEventLoop) -> None:
-        if time.monotonic() - refreshed["at"] < serve.catalog_refresh_s and generator.recommender is not None:
+        fresh = time.monotonic() - refreshed["at"] < serve.catalog_refresh_s
+        if fresh and generator.recommender is not None:
             return
         refreshed["at"] = time.monotonic()
         current = read_catalog(catalog.values)
@@ -135,10 +136,13 @@ def register(app: faust.App, settings: Settings) -> None:
                     continue
                 newest[update.user_id] = update  # one user's updates arrive in order: keep the last
             await refresh_catalog(loop)
-            if not newest or generator.recommender is None:
-                if newest:
-                    log.warning("no catalog yet: %d history updates skipped", len(newest))
+            if not newest:
                 continue
+            while generator.recommender is None:
+                # Hold the batch (unacknowledged) until there is a catalog to recommend from.
+                log.warning("no catalog in %s yet: waiting before generating", topics.catalog)
+                await asyncio.sleep(2.0)
+                await refresh_catalog(loop)
             batch = list(newest.values())
             INFER_BATCH.observe(len(batch))
             started = time.perf_counter()

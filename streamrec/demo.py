@@ -27,7 +27,7 @@ from streamrec.settings import Settings, client_config
 from streamrec.simulate import SimConfig, generate_events, make_catalog
 from streamrec.traffic import SendStats, send_catalog, send_events
 
-TRAIN_EVENTS = 30_000  # simulated history the tiny model learns from before the live stream
+TRAIN_EVENTS = 15_000  # simulated history the tiny model learns from before the live stream
 
 
 @dataclass
@@ -119,7 +119,7 @@ def prepare_model(settings: Settings, cfg: SimConfig, history: list[Event], cons
     from streamrec.training import train
 
     log = [LogEvent(e.user_id, e.item_id, e.ts.timestamp(), e.type.value, n) for n, e in enumerate(history)]
-    budget = TrainSettings(epochs=8, max_minutes=1.5, eval_users=300, patience=2)
+    budget = TrainSettings(epochs=6, max_minutes=1.0, eval_users=200, patience=2)
     console.print(
         f"training the tiny T5 on {len(history):,} simulated events "
         f"({resolve_device(settings.model.device)}, at most {budget.max_minutes:g} min)"
