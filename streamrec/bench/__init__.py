@@ -22,9 +22,7 @@ def machine() -> dict[str, Any]:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu_model"] = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
-            )
+            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
     except OSError:
         pass
     return info

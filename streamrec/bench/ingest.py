@@ -25,9 +25,7 @@ async def raw_consume(kafka: KafkaSettings, topics: list[str], count: int) -> tu
     (messages, seconds from the first message to the last one decoded)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(
-        **client_config(kafka), enable_auto_commit=False, auto_offset_reset="earliest"
-    )
+    consumer = AIOKafkaConsumer(**client_config(kafka), enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
         tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]

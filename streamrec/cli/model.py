@@ -59,7 +59,9 @@ def train(
     dataset = load(data, fmt)  # type: ignore[arg-type]
     split = leave_one_out(dataset.events)
     cfg = _train_settings(epochs=epochs, max_minutes=max_minutes, seed=seed)
-    typer.echo(f"{dataset.name}: {len(dataset.events):,} events, {dataset.users:,} users, {len(dataset.catalog):,} items")
+    typer.echo(
+        f"{dataset.name}: {len(dataset.events):,} events, {dataset.users:,} users, {len(dataset.catalog):,} items"
+    )
     run_train(
         split,
         dataset.catalog,
@@ -79,7 +81,9 @@ def evaluate(
     fmt: str = typer.Option("recbole", "--format", help=FORMAT_HELP),
     out: Path = typer.Option(..., "--out", help="Report JSON; a PNG chart is written beside it."),
     model: Path | None = typer.Option(None, "--model", help="Evaluate this model directory instead of training."),
-    model_out: Path | None = typer.Option(None, "--model-out", help="Where the trained model goes (default: beside --out)."),
+    model_out: Path | None = typer.Option(
+        None, "--model-out", help="Where the trained model goes (default: beside --out)."
+    ),
     blend: bool = typer.Option(True, "--blend/--no-blend", help="Serve T5 blended with item-kNN/Markov signals."),
     epochs: int | None = typer.Option(None, help="Most passes over the data (default: settings)."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget."),
@@ -97,7 +101,9 @@ def evaluate(
     threads = _threads()
     dataset = load(data, fmt)  # type: ignore[arg-type]
     split = leave_one_out(dataset.events)
-    typer.echo(f"{dataset.name}: {len(dataset.events):,} events, {dataset.users:,} users, {len(dataset.catalog):,} items")
+    typer.echo(
+        f"{dataset.name}: {len(dataset.events):,} events, {dataset.users:,} users, {len(dataset.catalog):,} items"
+    )
     started = time.monotonic()
     if model is None:
         cfg = _train_settings(epochs=epochs, max_minutes=max_minutes, seed=seed)
@@ -108,7 +114,10 @@ def evaluate(
         rec = Recommender.load(str(model), device, catalog=dataset.catalog)
         train_seconds = 0.0
         target = model
-    models = compare(rec, split, dataset.catalog, blend=blend, save_blend=target, log=typer.echo)
+    # The blend fitted here is saved with a model trained here, never into a --model directory.
+    models = compare(
+        rec, split, dataset.catalog, blend=blend, save_blend=target if model is None else None, log=typer.echo
+    )
     dev = resolve_device(device)
     report = {
         "dataset": dataset.name,

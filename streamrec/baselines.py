@@ -1,0 +1,254 @@
+"""The simple recommenders every report compares against: popularity, item-kNN (cosine over
+co-occurrence, scored from the user's recent items) and first-order Markov (last item -> next item).
+numpy only, memory bounded by a neighbour cut-off so a 12k-item catalog stays small."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from itertools import pairwise
+
+import numpy as np
+import numpy.typing as npt
+
+from streamrec.catalog import ScoredItem
+from streamrec.instructions import HistoryItem
+
+FloatArray = npt.NDArray[np.float32]
+# Ties and empty signals fall back to popularity, scaled so it never outranks a real signal.
+_POP_TIE = 1e-6
+
+
+class Baseline:
+    """Fit on training histories, then score every catalog item for a history."""
+
+    name = "baseline"
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.index: dict[str, int] = {}
+        self.pop: FloatArray = np.zeros(0, dtype=np.float32)
+
+    def fit(self, train: Mapping[str, Sequence[HistoryItem]], items: Iterable[str]) -> Baseline:
+        self.items = list(dict.fromkeys(items))
+        self.index = {item: n for n, item in enumerate(self.items)}
+        self.pop = np.zeros(len(self.items), dtype=np.float32)
+        for seq in train.values():
+            for h in seq:
+                if h.item_id in self.index:
+                    self.pop[self.index[h.item_id]] += 1.0
+        self._fit([[self.index[h.item_id] for h in seq if h.item_id in self.index] for seq in train.values()])
+        return self
+
+    def _fit(self, seqs: list[list[int]]) -> None:
+        pass
+
+    def scores(self, history: Sequence[str]) -> FloatArray:
+        """A score per catalog item (the order of `items`) for a history of item ids, oldest first."""
+        return self._scores([self.index[i] for i in history if i in self.index]) + _POP_TIE * self._pop_norm()
+
+    def _scores(self, history: list[int]) -> FloatArray:
+        return np.zeros(len(self.items), dtype=np.float32)
+
+    def _pop_norm(self) -> FloatArray:
+        top = float(self.pop.max()) if len(self.pop) else 1.0
+        return self.pop / max(top, 1.0)
+
+    def recommend(self, history: Sequence[str], exclude: Iterable[str] = (), k: int = 10) -> list[ScoredItem]:
+        s = self.scores(history).astype(np.float64)
+        banned = [self.index[i] for i in exclude if i in self.index]
+        s[banned] = -np.inf
+        k = min(k, int(np.isfinite(s).sum()))
+        if k <= 0:
+            return []
+        top = np.argpartition(-s, k - 1)[:k]
+        top = top[np.argsort(-s[top], kind="stable")]
+        return [ScoredItem(self.items[n], float(s[n])) for n in top]
+
+
+class Popularity(Baseline):
+    name = "popularity"
+
+    def _scores(self, history: list[int]) -> FloatArray:
+        return self._pop_norm().copy()
+
+
+class ItemKNN(Baseline):
+    """Cosine similarity of item co-occurrence across users; a history scores each item by the summed
+    similarity to its `recent` latest items. Only the `neighbours` most similar items are kept."""
+
+    name = "itemknn"
+
+    def __init__(self, neighbours: int = 200, recent: int = 20) -> None:
+        super().__init__()
+        self.neighbours = neighbours
+        self.recent = recent
+        self.nbr_idx = np.zeros((0, 0), dtype=np.int32)
+        self.nbr_sim = np.zeros((0, 0), dtype=np.float32)
+
+    def _fit(self, seqs: list[list[int]]) -> None:
+        n = len(self.items)
+        co = np.zeros((n, n), dtype=np.float32)
+        # Users in blocks: a dense user-item block times its transpose adds that block's co-occurrences
+        # without ever holding the full user-item matrix.
+        block = 1024
+        for start in range(0, len(seqs), block):
+            x = np.zeros((min(block, len(seqs) - start), n), dtype=np.float32)
+            for r, seq in enumerate(seqs[start : start + block]):
+                x[r, seq] = 1.0
+            co += x.T @ x
+        count = np.diag(co).copy()
+        np.fill_diagonal(co, 0.0)
+        norm = np.sqrt(np.maximum(count, 1.0))
+        co /= norm[:, None]
+        co /= norm[None, :]
+        kk = min(self.neighbours, max(n - 1, 1))
+        self.nbr_idx = np.zeros((n, kk), dtype=np.int32)
+        self.nbr_sim = np.zeros((n, kk), dtype=np.float32)
+        # Row blocks: a whole-matrix argpartition would copy the n x n matrix once more.
+        for start in range(0, n if n > 1 else 0, block):
+            rows = co[start : start + block]
+            idx = np.argpartition(-rows, kk - 1, axis=1)[:, :kk]
+            self.nbr_idx[start : start + block] = idx
+            self.nbr_sim[start : start + block] = np.take_along_axis(rows, idx, axis=1)
+
+    def _scores(self, history: list[int]) -> FloatArray:
+        s = np.zeros(len(self.items), dtype=np.float32)
+        recent = history[-self.recent :] if self.recent > 0 else history
+        if recent:
+            np.add.at(s, self.nbr_idx[recent].ravel(), self.nbr_sim[recent].ravel())
+        return s
+
+
+class Markov(Baseline):
+    """First-order Markov chain: how often each item followed the user's last item in training."""
+
+    name = "markov"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_idx: list[npt.NDArray[np.int64]] = []
+        self.next_cnt: list[FloatArray] = []
+
+    def _fit(self, seqs: list[list[int]]) -> None:
+        n = len(self.items)
+        pairs: dict[int, dict[int, float]] = {}
+        for seq in seqs:
+            for a, b in pairwise(seq):
+                row = pairs.setdefault(a, {})
+                row[b] = row.get(b, 0.0) + 1.0
+        self.next_idx = [np.array(list(pairs.get(i, {})), dtype=np.int64) for i in range(n)]
+        self.next_cnt = [np.array(list(pairs.get(i, {}).values()), dtype=np.float32) for i in range(n)]
+
+    def _scores(self, history: list[int]) -> FloatArray:
+        s = np.zeros(len(self.items), dtype=np.float32)
+        if history:
+            last = history[-1]
+            s[self.next_idx[last]] = self.next_cnt[last]
+        return s
+
+
+def all_baselines() -> list[Baseline]:
+    return [Popularity(), ItemKNN(), Markov()]
+
+
+class Blend:
+    """The cheap signal the served recommender mixes into the model's distribution: a mixture
+    `(1 - a - b) * P_model + a * P_knn + b * P_markov`, where the item-kNN and Markov scores are
+    normalised into distributions. Weights are chosen on validation data; `save`/`load` keep the
+    fitted signals beside the model (npz, no pickle)."""
+
+    def __init__(self, knn: ItemKNN, markov: Markov, w_knn: float = 0.0, w_markov: float = 0.0) -> None:
+        self.knn = knn
+        self.markov = markov
+        self.w_knn = w_knn
+        self.w_markov = w_markov
+
+    @staticmethod
+    def _dist(s: FloatArray) -> FloatArray:
+        total = float(s.sum())
+        return s / total if total > 0 else s
+
+    def signals(self, history: Sequence[str], items: Sequence[str]) -> tuple[FloatArray, FloatArray]:
+        """(P_knn, P_markov) over `items` (any order; unknown items get 0)."""
+        hist = [self.knn.index[i] for i in history if i in self.knn.index]
+        cols = np.array([self.knn.index.get(i, -1) for i in items])
+        known = cols >= 0
+        out = []
+        for s in (self.knn._scores(hist), self.markov._scores(hist)):
+            row = np.zeros(len(items), dtype=np.float32)
+            row[known] = s[cols[known]]
+            out.append(self._dist(row))
+        return out[0], out[1]
+
+    def mix(self, p_model: FloatArray, p_knn: FloatArray, p_markov: FloatArray) -> FloatArray:
+        w = 1.0 - self.w_knn - self.w_markov
+        mixed: FloatArray = w * p_model + self.w_knn * p_knn + self.w_markov * p_markov
+        return mixed
+
+    def save(self, path: str) -> None:
+        m = self.markov
+        empty_i = np.zeros(0, dtype=np.int64)
+        a = np.concatenate([np.full(len(idx), n, dtype=np.int64) for n, idx in enumerate(m.next_idx)] or [empty_i])
+        b = np.concatenate(m.next_idx or [empty_i])
+        c = np.concatenate(m.next_cnt or [np.zeros(0, dtype=np.float32)])
+        np.savez_compressed(
+            path,
+            items=np.array(self.knn.items, dtype=str),
+            pop=self.knn.pop,
+            nbr_idx=self.knn.nbr_idx,
+            nbr_sim=self.knn.nbr_sim,
+            recent=np.array(self.knn.recent),
+            markov_from=a.astype(np.int64),
+            markov_to=b.astype(np.int64),
+            markov_count=c.astype(np.float32),
+            weights=np.array([self.w_knn, self.w_markov], dtype=np.float64),
+        )
+
+    @classmethod
+    def load(cls, path: str) -> Blend:
+        with np.load(path, allow_pickle=False) as z:
+            items = [str(i) for i in z["items"]]
+            knn = ItemKNN(neighbours=int(z["nbr_idx"].shape[1]), recent=int(z["recent"]))
+            markov = Markov()
+            for model in (knn, markov):
+                model.items = items
+                model.index = {item: n for n, item in enumerate(items)}
+                model.pop = z["pop"].astype(np.float32)
+            knn.nbr_idx, knn.nbr_sim = z["nbr_idx"], z["nbr_sim"]
+            a, b, c = z["markov_from"], z["markov_to"], z["markov_count"]
+            order = np.argsort(a, kind="stable")
+            bounds = np.searchsorted(a[order], np.arange(len(items) + 1))
+            markov.next_idx = [b[order][bounds[n] : bounds[n + 1]] for n in range(len(items))]
+            markov.next_cnt = [c[order][bounds[n] : bounds[n + 1]].astype(np.float32) for n in range(len(items))]
+            w_knn, w_markov = (float(x) for x in z["weights"])
+        return cls(knn, markov, w_knn, w_markov)
+
+
+def fit_blend_weights(
+    p_model: FloatArray,
+    p_knn: FloatArray,
+    p_markov: FloatArray,
+    targets: Sequence[int],
+    banned: Sequence[Sequence[int]],
+    grid: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+) -> tuple[float, float, float]:
+    """The (w_knn, w_markov) on `grid` with the best NDCG@10 on validation rows; returns
+    (w_knn, w_markov, ndcg10). Rows are users, columns items; `targets` the column of each
+    user's held-out item, `banned` the columns never to rank (the user's history)."""
+    best = (0.0, 0.0, -1.0)
+    for a in grid:
+        for b in grid:
+            if a + b > 0.95:
+                continue
+            mixed = (1 - a - b) * p_model + a * p_knn + b * p_markov
+            total = 0.0
+            for r, t in enumerate(targets):
+                row = mixed[r].copy()
+                row[list(banned[r])] = -1.0
+                rank = int((row > row[t]).sum()) + 1
+                if rank <= 10:
+                    total += 1.0 / float(np.log2(rank + 1))
+            ndcg = total / max(len(targets), 1)
+            if ndcg > best[2] + 1e-9:
+                best = (a, b, ndcg)
+    return best

@@ -1,0 +1,194 @@
+"""The item catalog, the identifier schemes that name items to the model, and the prefix trie that
+keeps constrained generation inside the catalog. Pure python: no torch, no tokenizer objects here
+(a scheme receives an `encode` callable), so everything can be tested on plain values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from streamrec.errors import ModelError
+from streamrec.events import CatalogItem
+
+SchemeName = Literal["item_token", "title"]
+SCHEMES: tuple[SchemeName, ...] = ("item_token", "title")
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItem:
+    """One recommended item: a catalog id and the model's score (higher is better)."""
+
+    item_id: str
+    score: float
+
+
+class Catalog:
+    """Items by id, in a stable order. Unavailable items stay known (a history may mention them)
+    but are never recommended."""
+
+    def __init__(self, items: Iterable[CatalogItem]) -> None:
+        self._items: dict[str, CatalogItem] = {}
+        for item in items:
+            self._items[item.item_id] = item  # a later record of the same id wins, like a compacted topic
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._items
+
+    def __iter__(self) -> Iterator[CatalogItem]:
+        return iter(self._items.values())
+
+    def get(self, item_id: str) -> CatalogItem | None:
+        return self._items.get(item_id)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._items)
+
+    @property
+    def available_ids(self) -> list[str]:
+        return [i for i, item in self._items.items() if item.available]
+
+    def updated(self, items: Iterable[CatalogItem]) -> Catalog:
+        """A new catalog with these records added or replaced (the old one is left untouched)."""
+        return Catalog([*self._items.values(), *items])
+
+    @classmethod
+    def placeholder(cls, item_ids: Iterable[str]) -> Catalog:
+        """A catalog for a log without item text: every item is titled by its id."""
+        return cls(CatalogItem(item_id=i, title=f"item {i}") for i in item_ids)
+
+
+def item_token(item_id: str) -> str:
+    """The dedicated vocabulary token of an item under the `item_token` scheme."""
+    return f"<item_{item_id}>"
+
+
+def identifiers(catalog: Catalog, scheme: SchemeName) -> dict[str, str]:
+    """The text that names each catalog item to the model, unique per item.
+
+    `item_token`: one added token per item. `title`: the title itself; repeated titles get the id
+    appended, because two items sharing one token sequence could not be told apart by the trie."""
+    if scheme == "item_token":
+        return {item.item_id: item_token(item.item_id) for item in catalog}
+    if scheme != "title":
+        raise ModelError(f"unknown identifier scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    counts: dict[str, int] = {}
+    for item in catalog:
+        key = item.title.strip().casefold()
+        counts[key] = counts.get(key, 0) + 1
+    out: dict[str, str] = {}
+    for item in catalog:
+        title = " ".join(item.title.split())
+        out[item.item_id] = title if counts[title.casefold()] == 1 else f"{title} #{item.item_id}"
+    return out
+
+
+@dataclass(slots=True)
+class _Node:
+    children: dict[int, _Node] = field(default_factory=dict)
+    item_id: str | None = None  # set on the node reached by an item's complete sequence
+    count: int = 0  # items at or below this node: lets a request prune branches it has excluded
+
+
+class ItemTrie:
+    """A prefix trie over the token-id sequences of item identifiers (each ending with EOS).
+
+    `allowed(prefix)` lists the next tokens that keep the output on a path to some item; the
+    generation loop may only pick among them, so every finished sequence is a catalog item."""
+
+    def __init__(self, sequences: Mapping[str, Sequence[int]]) -> None:
+        self._root = _Node()
+        self._paths: dict[str, tuple[int, ...]] = {}
+        self.max_len = 0
+        for item_id, seq in sequences.items():
+            if not seq:
+                raise ModelError(f"item {item_id!r} has an empty identifier")
+            path = tuple(seq)
+            node = self._root
+            node.count += 1
+            for tok in path:
+                node = node.children.setdefault(tok, _Node())
+                node.count += 1
+            if node.item_id is not None or node.children:
+                raise ModelError(f"items {node.item_id!r} and {item_id!r} share the identifier {path}")
+            node.item_id = item_id
+            self._paths[item_id] = path
+            self.max_len = max(self.max_len, len(path))
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._paths
+
+    @property
+    def items(self) -> list[str]:
+        return list(self._paths)
+
+    def path(self, item_id: str) -> tuple[int, ...]:
+        return self._paths[item_id]
+
+    @property
+    def first_tokens(self) -> dict[int, str | None]:
+        """First token -> the item it names when that token alone is the whole sequence."""
+        return {tok: node.item_id for tok, node in self._root.children.items()}
+
+    def _node(self, prefix: Sequence[int]) -> _Node | None:
+        node: _Node | None = self._root
+        for tok in prefix:
+            if node is None:
+                return None
+            node = node.children.get(tok)
+        return node
+
+    def excluded_counts(self, exclude: Iterable[str]) -> dict[int, int]:
+        """Per-node count of excluded items below it (by node identity), for `allowed`."""
+        counts: dict[int, int] = {}
+        for item_id in exclude:
+            path = self._paths.get(item_id)
+            if path is None:
+                continue
+            node = self._root
+            counts[id(node)] = counts.get(id(node), 0) + 1
+            for tok in path:
+                node = node.children[tok]
+                counts[id(node)] = counts.get(id(node), 0) + 1
+        return counts
+
+    def allowed(self, prefix: Sequence[int], excluded: Mapping[int, int] | None = None) -> list[int]:
+        """Tokens that may follow `prefix` and still lead to an item not excluded. `excluded` comes
+        from `excluded_counts` (computed once per request, not per step)."""
+        node = self._node(prefix)
+        if node is None:
+            return []
+        if not excluded:
+            return list(node.children)
+        return [t for t, child in node.children.items() if child.count > excluded.get(id(child), 0)]
+
+    def item_at(self, prefix: Sequence[int]) -> str | None:
+        """The item a complete sequence names, or None while the sequence is unfinished."""
+        node = self._node(prefix)
+        return None if node is None else node.item_id
+
+
+def build_trie(
+    catalog: Catalog, scheme: SchemeName, encode: Callable[[str], Sequence[int]], *, available_only: bool = True
+) -> ItemTrie:
+    """The trie over `encode(identifier)` of every (available) item. `encode` must return the
+    token ids the model generates for that text, including the closing EOS."""
+    names = identifiers(catalog, scheme)
+    keep = set(catalog.available_ids) if available_only else set(names)
+    seqs = {item_id: tuple(encode(text)) for item_id, text in names.items() if item_id in keep}
+    # A tokenizer can map two different texts to one sequence (unknown characters become <unk>):
+    # those items get their id appended so each still has a path of its own.
+    seen: dict[tuple[int, ...], int] = {}
+    for seq in seqs.values():
+        seen[seq] = seen.get(seq, 0) + 1
+    for item_id, seq in list(seqs.items()):
+        if seen[seq] > 1:
+            seqs[item_id] = tuple(encode(f"{names[item_id]} #{item_id}"))
+    return ItemTrie(seqs)

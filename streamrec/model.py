@@ -1,0 +1,569 @@
+"""The model: load a T5 / Flan-T5 checkpoint (hub id or directory, safetensors only) or build the
+offline `tiny` T5 with a locally trained tokenizer, and turn many histories into ranked, valid item
+lists in one call (beam search constrained by the item trie). The only module that imports torch,
+transformers or peft; everything it decides with comes from the pure core."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import string
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers.utils import logging as hf_logging
+
+from streamrec.baselines import Blend
+from streamrec.catalog import Catalog, ItemTrie, SchemeName, ScoredItem, build_trie, identifiers, item_token
+from streamrec.errors import ModelError
+from streamrec.events import ModelVersion
+from streamrec.instructions import DEFAULT_TEMPLATES, Instructions, RecRequest, item_texts
+
+# transformers 5 draws a progress bar for every load and save; a worker's log has no use for them.
+hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+META_FILE = "streamrec.json"
+BLEND_FILE = "blend.npz"
+TEMPLATES_FILE = "instructions.toml"
+DEFAULT_TASK = "next_click"
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Size of the offline `tiny` T5. Item tokens share input and output embeddings (tied), which is
+    what lets a from-scratch model learn item-to-item structure from short histories."""
+
+    d_model: int = 128
+    d_ff: int = 512
+    num_layers: int = 2
+    num_decoder_layers: int = 1
+    num_heads: int = 4
+    dropout: float = 0.1
+    text_vocab: int = 3000
+    max_input_tokens: int = 160
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, item_tokens: Sequence[str]) -> PreTrainedTokenizerFast:
+    """A T5-shaped tokenizer (<pad>=0, </s>=1, <unk>=2, EOS appended) trained with `tokenizers` on
+    the given text, plus one added token per item."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    # normalized=False: an item token is matched on the raw text, before lowercasing; lstrip: it
+    # swallows the space before it, which would otherwise cost a lone "▁" token per history item.
+    tok.add_tokens([AddedToken(t, normalized=False, lstrip=True) for t in item_tokens])
+    # transformers 5 renamed the class (TokenizersBackend); the old name is kept as an alias.
+    fast: PreTrainedTokenizerFast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    return fast
+
+
+class Recommender:
+    """A T5 model, its tokenizer, a catalog with its trie, and the instruction templates.
+
+    `recommend` is safe to call from a worker thread; `load_adapter` swaps a LoRA adapter between
+    two batches (a lock keeps a batch from seeing half of a swap)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        scheme: SchemeName,
+        instructions: Instructions,
+        device: torch.device,
+        base: str,
+        task: str = DEFAULT_TASK,
+        max_input_tokens: int = 512,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.scheme: SchemeName = scheme
+        self.instructions = instructions
+        self.device = device
+        self.base = base
+        self.task = task
+        self.max_input_tokens = max_input_tokens
+        self.adapter_version: str | None = None
+        self._lock = threading.RLock()
+        self.catalog = Catalog([])
+        self.names: dict[str, str] = {}
+        self.texts: dict[str, tuple[str, str]] = {}
+        self.trie = ItemTrie({})
+        self._single: dict[int, str] = {}
+        self.blend: Blend | None = None
+
+    # ---------------------------------------------------------------- building and loading
+
+    @classmethod
+    def build_tiny(
+        cls,
+        catalog: Catalog,
+        instructions: Instructions | None = None,
+        *,
+        corpus: Iterable[str] = (),
+        config: TinyConfig = TinyConfig(),
+        device: str = "auto",
+        seed: int = 0,
+        scheme: SchemeName = "item_token",
+    ) -> Recommender:
+        """A small T5 from a config with a tokenizer trained here on the catalog text (and `corpus`,
+        e.g. rendered instructions); under the `item_token` scheme, one token per catalog item."""
+        instructions = instructions or Instructions.load()
+        texts = [f"{i.title} {i.category or ''} {i.description or ''}" for i in catalog]
+        template_words = [t.text for ts in instructions.templates.values() for t in ts]
+        tokenizer = train_tokenizer(
+            # string.printable: every separator or punctuation an edited template may use is a token.
+            [*texts, *template_words, *corpus, "click purchase nothing yet unknown", string.printable],
+            config.text_vocab,
+            [item_token(i) for i in catalog.ids] if scheme == "item_token" else [],
+        )
+        torch.manual_seed(seed)
+        # Passed as a dict: transformers 5 types T5Config without these (they still work), and a
+        # config built without decoder_start_token_id has no such attribute at all.
+        t5_args: dict[str, Any] = {
+            "vocab_size": len(tokenizer),
+            "d_model": config.d_model,
+            "d_kv": config.d_model // config.num_heads,
+            "d_ff": config.d_ff,
+            "num_layers": config.num_layers,
+            "num_decoder_layers": config.num_decoder_layers,
+            "num_heads": config.num_heads,
+            "dropout_rate": config.dropout,
+            "feed_forward_proj": "relu",
+            "tie_word_embeddings": True,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "decoder_start_token_id": 0,
+        }
+        t5 = T5Config(**t5_args)
+        rec = cls(
+            T5ForConditionalGeneration(t5),
+            tokenizer,
+            scheme=scheme,
+            instructions=instructions,
+            device=resolve_device(device),
+            base="tiny",
+            max_input_tokens=config.max_input_tokens,
+        )
+        rec.set_catalog(catalog)
+        return rec
+
+    @classmethod
+    def load(
+        cls,
+        path_or_id: str,
+        device: str = "auto",
+        *,
+        scheme: SchemeName | None = None,
+        instructions: Instructions | None = None,
+        catalog: Catalog | None = None,
+        task: str = DEFAULT_TASK,
+        use_blend: bool = True,
+    ) -> Recommender:
+        """A checkpoint by hub id or directory (safetensors weights only). A directory written by
+        `save` brings its scheme, templates and catalog; a plain hub checkpoint uses the `title`
+        scheme unless told otherwise; a `blend.npz` beside the weights is used when `use_blend`.
+        An `adapter_config.json` in the directory is a LoRA increment:
+        its base model is loaded first and the adapter put on top."""
+        path = Path(path_or_id)
+        if (path / "adapter_config.json").is_file():
+            cfg = json.loads((path / "adapter_config.json").read_text())
+            rec = cls.load(
+                str(cfg["base_model_name_or_path"]), device, scheme=scheme, instructions=instructions, task=task
+            )
+            if catalog is not None:
+                rec.set_catalog(catalog)
+            rec.load_adapter(str(path), version=path.name)
+            return rec
+        meta: dict[str, Any] = {}
+        if (path / META_FILE).is_file():
+            meta = json.loads((path / META_FILE).read_text())
+        if instructions is None:
+            tpl = path / TEMPLATES_FILE
+            instructions = Instructions.load(tpl if tpl.is_file() else None)
+        try:
+            model = T5ForConditionalGeneration.from_pretrained(path_or_id, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load model {path_or_id!r} (safetensors weights only): {exc}") from exc
+        rec = cls(
+            model,
+            tokenizer,
+            scheme=scheme or meta.get("scheme", "title"),
+            instructions=instructions,
+            device=resolve_device(device),
+            base=meta.get("base", path_or_id),
+            task=task,
+            max_input_tokens=int(meta.get("max_input_tokens", 512)),
+        )
+        if catalog is None and (path / "catalog.jsonl").is_file():
+            from streamrec.events import CatalogItem
+
+            lines = (path / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
+            catalog = Catalog(CatalogItem.model_validate_json(line) for line in lines if line.strip())
+        if catalog is not None:
+            rec.set_catalog(catalog)
+        if use_blend and (path / BLEND_FILE).is_file():
+            rec.set_blend(Blend.load(str(path / BLEND_FILE)))
+        return rec
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the model like a hub checkpoint (config, safetensors, tokenizer files) plus the
+        scheme, the templates and the catalog, so `Recommender.load(out_dir)` restores all of it."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        meta = {"scheme": self.scheme, "base": self.base, "max_input_tokens": self.max_input_tokens}
+        (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        src = self.instructions.source or DEFAULT_TEMPLATES
+        if Path(src).resolve() != (out / TEMPLATES_FILE).resolve():
+            shutil.copyfile(src, out / TEMPLATES_FILE)
+        with (out / "catalog.jsonl").open("w", encoding="utf-8") as f:
+            for item in self.catalog:
+                f.write(item.model_dump_json() + "\n")
+        if self.blend is not None:
+            self.save_blend(out)
+        return out
+
+    def set_blend(self, blend: Blend | None) -> None:
+        """Mix this item-kNN / Markov signal into the model's item distribution (one-token schemes)."""
+        with self._lock:
+            self.blend = blend
+
+    def save_blend(self, out_dir: str | Path) -> None:
+        if self.blend is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            self.blend.save(str(Path(out_dir) / BLEND_FILE))
+
+    # ---------------------------------------------------------------- catalog
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        """Use this catalog from the next batch on: rebuilds the trie over its available items. Under
+        the `item_token` scheme, items new to the tokenizer get a token (an untrained embedding)."""
+        with self._lock:
+            if self.scheme == "item_token":
+                vocab = self.tokenizer.get_vocab()
+                missing = [item_token(i) for i in catalog.ids if item_token(i) not in vocab]
+                if missing:
+                    self.tokenizer.add_tokens([AddedToken(t, normalized=False, lstrip=True) for t in missing])
+                    self.model.resize_token_embeddings(len(self.tokenizer))
+            self.catalog = catalog
+            self.names = identifiers(catalog, self.scheme)
+            self.texts = item_texts(catalog)
+            self.trie = build_trie(catalog, self.scheme, self.encode_target)
+            # When every identifier is one token followed by EOS, the first decoding step already
+            # ranks whole items exactly, so `recommend` can read all scores from one step.
+            eos = self.tokenizer.eos_token_id
+            paths = {i: self.trie.path(i) for i in self.trie.items}
+            single = all(len(p) == 2 and p[1] == eos for p in paths.values())
+            self._single = {p[0]: i for i, p in paths.items()} if single else {}
+
+    @property
+    def start_token_id(self) -> int:
+        """The decoder's first input. transformers 5 may keep it only in the generation config."""
+        for cfg in (self.model.config, getattr(self.model, "generation_config", None)):
+            value = getattr(cfg, "decoder_start_token_id", None) if cfg is not None else None
+            if value is not None:
+                return int(value)
+        return int(self.tokenizer.pad_token_id or 0)
+
+    def encode_target(self, text: str) -> list[int]:
+        ids: list[int] = self.tokenizer(text).input_ids
+        return ids
+
+    # ---------------------------------------------------------------- adapters
+
+    def load_adapter(self, adapter_dir: str, version: str | None = None) -> None:
+        """Put a LoRA adapter (peft directory) on the base model, replacing the current one. The swap
+        waits for a running batch to finish and the next batch waits for the swap, so no batch ever
+        mixes two adapters; the pause is the time to read the (small) adapter weights."""
+        from peft import PeftModel
+
+        name = version or Path(adapter_dir).name
+        safe = name.replace(".", "_")  # peft adapter names become module attribute names
+        with self._lock:
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(adapter_dir, adapter_name=safe)
+                    old = self.model.active_adapter
+                    self.model.set_adapter(safe)
+                    if old != safe:
+                        self.model.delete_adapter(old)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=safe)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelError(f"cannot load adapter {adapter_dir!r}: {exc}") from exc
+            self.model.to(self.device).eval()
+            self.adapter_version = name
+
+    @property
+    def version(self) -> ModelVersion:
+        return ModelVersion(base=self.base, adapter=self.adapter_version)
+
+    # ---------------------------------------------------------------- inference
+
+    def instruction(self, request: RecRequest) -> str:
+        return self.instructions.serve(request.history, request.task or self.task, self.names, self.texts)
+
+    def _tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_input_tokens, return_tensors="pt"
+        )
+        return {"input_ids": enc.input_ids.to(self.device), "attention_mask": enc.attention_mask.to(self.device)}
+
+    @torch.inference_mode()
+    def item_log_probs(self, requests: Sequence[RecRequest], batch_size: int = 64) -> npt.NDArray[np.float32]:
+        """Under a one-token-per-item scheme: log P(item | instruction) for every available item, in
+        the order of `catalog.available_ids`, one row per request (for ranking and blending)."""
+        with self._lock:
+            if not self._single:
+                raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
+            tokens = torch.tensor(list(self._single), device=self.device)
+            rows: list[npt.NDArray[np.float32]] = []
+            start = torch.full((1, 1), self.start_token_id, device=self.device)
+            for b in range(0, len(requests), batch_size):
+                chunk = requests[b : b + batch_size]
+                enc = self._tokenize([self.instruction(r) for r in chunk])
+                logits = self.model(**enc, decoder_input_ids=start.expand(len(chunk), 1)).logits[:, 0, :]
+                logp = torch.log_softmax(logits.float(), dim=-1)[:, tokens]
+                rows.append(logp.cpu().numpy())
+            return np.concatenate(rows) if rows else np.zeros((0, len(tokens)), dtype=np.float32)
+
+    @property
+    def single_token_items(self) -> list[str]:
+        """The items `item_log_probs` scores, column by column."""
+        return list(self._single.values())
+
+    def recommend(
+        self,
+        requests: Sequence[RecRequest],
+        k: int = 10,
+        *,
+        num_beams: int | None = None,
+        batch_size: int = 64,
+        blend: bool | None = None,
+    ) -> list[list[ScoredItem]]:
+        """Ranked lists (best first, unique, available, never an excluded item) for many users at
+        once. Score: the identifier's log-probability under the model, or under the blended
+        mixture when a blend is set (`blend=False` asks for the model alone)."""
+        with self._lock:
+            if len(self.trie) == 0:
+                raise ModelError("no catalog: call set_catalog first")
+            if self._single:
+                use = self.blend if blend is not False else None
+                return self._recommend_single(requests, k, batch_size, use)
+            out: list[list[ScoredItem]] = []
+            for b in range(0, len(requests), batch_size):
+                out.extend(self._beam_search(requests[b : b + batch_size], k, num_beams or max(k, 4)))
+            return out
+
+    def _recommend_single(
+        self, requests: Sequence[RecRequest], k: int, batch_size: int, blend: Blend | None
+    ) -> list[list[ScoredItem]]:
+        items = self.single_token_items
+        col = {item: n for n, item in enumerate(items)}
+        logp = self.item_log_probs(requests, batch_size).astype(np.float64)
+        out = []
+        for row, req in zip(logp, requests, strict=True):
+            if blend is not None:
+                p_knn, p_markov = blend.signals([h.item_id for h in req.history], items)
+                row = np.log(blend.mix(np.exp(row), p_knn, p_markov).astype(np.float64) + 1e-30)
+            row[[col[i] for i in req.exclude if i in col]] = -np.inf
+            kk = min(k, int(np.isfinite(row).sum()))
+            top = np.argpartition(-row, kk - 1)[:kk] if kk > 0 else np.zeros(0, dtype=np.int64)
+            top = top[np.argsort(-row[top], kind="stable")]
+            out.append([ScoredItem(items[n], float(row[n])) for n in top])
+        return out
+
+    @torch.inference_mode()
+    def _beam_search(self, requests: Sequence[RecRequest], k: int, num_beams: int) -> list[list[ScoredItem]]:
+        """Beam search over the trie: each step extends every live beam only with the tokens the trie
+        allows after it (minus branches holding nothing but excluded items); a beam that reaches an
+        item's end is finished. Stops when no live beam can beat the k-th finished score."""
+        model = self.model
+        enc_in = self._tokenize([self.instruction(r) for r in requests])
+        encoder_out = model.get_encoder()(**enc_in).last_hidden_state
+        start_id = self.start_token_id
+        excluded = [self.trie.excluded_counts(r.exclude) for r in requests]
+        live: list[list[tuple[tuple[int, ...], float]]] = [[((), 0.0)] for _ in requests]
+        done: list[dict[str, float]] = [{} for _ in requests]
+        for _ in range(self.trie.max_len):
+            flat = [(r, seq, score) for r, beams in enumerate(live) for seq, score in beams]
+            if not flat:
+                break
+            length = max(len(seq) for _, seq, _ in flat)
+            dec = torch.full((len(flat), length + 1), start_id, dtype=torch.long, device=self.device)
+            last = torch.zeros(len(flat), dtype=torch.long, device=self.device)
+            for n, (_, seq, _) in enumerate(flat):
+                if seq:
+                    dec[n, 1 : len(seq) + 1] = torch.tensor(seq, device=self.device)
+                last[n] = len(seq)
+            rows = torch.tensor([r for r, _, _ in flat], device=self.device)
+            logits = model(
+                encoder_outputs=(encoder_out[rows],),
+                attention_mask=enc_in["attention_mask"][rows],
+                decoder_input_ids=dec,
+            ).logits
+            logp = torch.log_softmax(logits[torch.arange(len(flat)), last].float(), dim=-1).cpu()
+            candidates: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in requests]
+            for n, (r, seq, score) in enumerate(flat):
+                allowed = self.trie.allowed(seq, excluded[r])
+                if not allowed:
+                    continue
+                vals = logp[n, allowed]
+                take = min(num_beams, len(allowed))
+                best = torch.topk(vals, take)
+                for v, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+                    candidates[r].append((score + v, (*seq, allowed[j])))
+            for r, cands in enumerate(candidates):
+                cands.sort(key=lambda c: -c[0])
+                nxt: list[tuple[tuple[int, ...], float]] = []
+                for score, seq in cands:
+                    item = self.trie.item_at(seq)
+                    if item is not None:
+                        if item not in done[r] and item not in requests[r].exclude:
+                            done[r][item] = score
+                    elif len(nxt) < num_beams:
+                        nxt.append((seq, score))
+                kth = sorted(done[r].values(), reverse=True)[k - 1] if len(done[r]) >= k else -np.inf
+                # Log-probabilities only fall as a sequence grows: a live beam below the k-th
+                # finished score can never enter the list.
+                live[r] = [(s, sc) for s, sc in nxt if sc > kth]
+        return [[ScoredItem(i, s) for i, s in sorted(d.items(), key=lambda kv: -kv[1])[:k]] for d in done]
+
+    # ---------------------------------------------------------------- training helpers
+
+    @property
+    def trie_items(self) -> list[str]:
+        """The items generation can produce (available catalog items)."""
+        return self.trie.items
+
+    def target_ids(self, item_ids: Sequence[str]) -> list[list[int]]:
+        return [list(self.trie.path(i)) if i in self.trie else self.encode_target(self.names[i]) for i in item_ids]
+
+    # ---------------------------------------------------------------- training primitives
+    # The loop itself lives in training.py; these are the few steps that need torch.
+
+    def add_lora(self, r: int, alpha: int, dropout: float) -> None:
+        """Wrap the model in a fresh LoRA adapter (on the attention's q and v): only it trains."""
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        cfg = LoraConfig(
+            task_type=TaskType.SEQ_2_SEQ_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["q", "v"]
+        )
+        with self._lock:
+            self.model = get_peft_model(self.model, cfg)
+
+    def save_adapter(self, out_dir: str | Path) -> None:
+        """Write only the LoRA weights (adapter_config.json + adapter_model.safetensors)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out)
+        self.adapter_version = out.name
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.d_model)
+
+    def set_item_embeddings(self, item_ids: Sequence[str], vectors: npt.NDArray[np.float32]) -> None:
+        """Overwrite the token embeddings of one-token items (rows of `vectors`, unit variance),
+        scaled to the spread of the existing embeddings."""
+        rows = [self.trie.path(i)[0] for i in item_ids]
+        with torch.no_grad():
+            emb = self.model.get_input_embeddings().weight
+            emb[rows] = torch.from_numpy(vectors).to(emb.dtype).to(emb.device) * emb.std()
+
+    def tokenize_inputs(self, texts: Sequence[str]) -> list[list[int]]:
+        ids: list[list[int]] = self.tokenizer(list(texts), truncation=True, max_length=self.max_input_tokens).input_ids
+        return ids
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the trainable state (on the CPU), to keep the best epoch."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """AdamW over a Recommender's trainable weights with linear warmup then cosine decay to 10% of
+    the peak rate, gradient clipping at 1. `step` takes token ids, so the loop stays torch-free."""
+
+    def __init__(
+        self, rec: Recommender, *, lr: float, weight_decay: float, warmup_steps: int, total_steps: int
+    ) -> None:
+        self.rec = rec
+        self.params = [p for p in rec.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        # Both may be shortened by the loop once it knows how many steps its time budget allows.
+        self.warmup_steps = max(1, warmup_steps)
+        self.total_steps = max(1, total_steps)
+
+        def factor(step: int) -> float:
+            warmup = self.warmup_steps
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def train_mode(self, on: bool) -> None:
+        self.rec.model.train(on)
+
+    def step(self, inputs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> float:
+        """One optimisation step on a batch; returns the loss (mean over label tokens)."""
+        device = self.rec.device
+        input_ids = _pad(inputs, 0, device)
+        label_ids = _pad(labels, -100, device)
+        loss = self.rec.model(input_ids=input_ids, attention_mask=(input_ids != 0).long(), labels=label_ids).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.item())
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int, device: torch.device) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    t = torch.full((len(rows), width), value, dtype=torch.long)
+    for n, r in enumerate(rows):
+        t[n, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    return t.to(device)
