@@ -12,10 +12,26 @@ from concurrent.futures import ThreadPoolExecutor
 import faust
 
 from streamrec.catalog import Catalog
-from streamrec.errors import InvalidMessage
-from streamrec.events import CatalogItem, DeadLetter, HistoryUpdate, TrendingSnapshot, parse
+from streamrec.errors import InvalidMessage, ModelError
+from streamrec.events import (
+    ADAPTER_KEY,
+    AdapterAnnouncement,
+    CatalogItem,
+    DeadLetter,
+    HistoryUpdate,
+    TrendingSnapshot,
+    parse,
+)
 from streamrec.generation import Generator
-from streamrec.metrics import FRESHNESS_SECONDS, GENERATION_SECONDS, INFER_BATCH, MODEL_INFO, RECOMMENDATIONS
+from streamrec.metrics import (
+    ADAPTER_REJECTED,
+    ADAPTER_SWAPS,
+    FRESHNESS_SECONDS,
+    GENERATION_SECONDS,
+    INFER_BATCH,
+    MODEL_INFO,
+    RECOMMENDATIONS,
+)
 from streamrec.settings import KafkaSettings, Settings, client_config
 from streamrec.trending import merge_snapshots
 
@@ -98,8 +114,10 @@ def register(app: faust.App, settings: Settings) -> None:
     # compacted topics into memory, outside the consumer group.
     catalog = TopicMirror(settings.kafka, topics.catalog)
     trending = TopicMirror(settings.kafka, topics.trending)
-    app.add_future(catalog.run())
-    app.add_future(trending.run())
+    adapters = TopicMirror(settings.kafka, topics.adapters)
+    for mirror in (catalog, trending, adapters):
+        app.add_future(mirror.run())
+    considered: set[bytes] = set()  # adapter announcements already tried (served or refused)
     generator = Generator(settings)
     # One thread: generation is serialised and never blocks the event loop, so heartbeats and
     # commits go on while a slow batch runs.
@@ -118,6 +136,28 @@ def register(app: faust.App, settings: Settings) -> None:
         await loop.run_in_executor(executor, generator.set_catalog, current, key)
         if generator.recommender is not None:
             version = generator.recommender.version
+            MODEL_INFO.info({"base": version.base, "adapter": version.adapter or ""})
+
+    async def maybe_swap_adapter(loop: asyncio.AbstractEventLoop) -> None:
+        """Swap in the newest announced adapter, in the generation thread between two batches; a
+        refused one is logged and counted and the adapter in service stays."""
+        raw = adapters.values.get(ADAPTER_KEY)
+        if raw is None or raw in considered:
+            return
+        considered.add(raw)
+        try:
+            announcement = parse(AdapterAnnouncement, raw)
+            if announcement.version == (generator.recommender.version.adapter if generator.recommender else None):
+                return
+            await loop.run_in_executor(executor, generator.apply_adapter, announcement)
+        except Exception as exc:  # whatever is wrong with an adapter, the one in service stays
+            reason = {InvalidMessage: "invalid", ModelError: "rejected"}.get(type(exc), "load_failed")
+            ADAPTER_REJECTED.labels(reason=reason).inc()
+            log.error("adapter announcement refused, keeping the adapter in service: %s", exc)
+            return
+        ADAPTER_SWAPS.inc()
+        version = generator.recommender.version if generator.recommender else None
+        if version is not None:
             MODEL_INFO.info({"base": version.base, "adapter": version.adapter or ""})
 
     @app.agent(updates, name="infer")
@@ -143,6 +183,7 @@ def register(app: faust.App, settings: Settings) -> None:
                 log.warning("no catalog in %s yet: waiting before generating", topics.catalog)
                 await asyncio.sleep(2.0)
                 await refresh_catalog(loop)
+            await maybe_swap_adapter(loop)
             batch = list(newest.values())
             INFER_BATCH.observe(len(batch))
             started = time.perf_counter()

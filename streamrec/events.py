@@ -118,6 +118,9 @@ class DeadLetter(_Contract):
         return base64.b64decode(self.raw)
 
 
+ADAPTER_KEY = b"current"  # the adapters topic is compacted: the newest announcement is the one in force
+
+
 class AdapterAnnouncement(_Contract):
     """A promoted LoRA adapter. Kafka key: 'current' on the compacted adapters topic."""
 

@@ -3,6 +3,7 @@ the Recommender and runs in the worker's generation thread, never on the event l
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -11,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamrec.catalog import Catalog
-from streamrec.events import HistoryUpdate, Recommendation, RecommendedItem, utcnow
+from streamrec.errors import ModelError
+from streamrec.events import AdapterAnnouncement, HistoryUpdate, Recommendation, RecommendedItem, utcnow
 from streamrec.instructions import RecRequest
 from streamrec.serving import model_weight, serve_list
 from streamrec.settings import Settings
@@ -46,6 +48,32 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
     )
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verified_adapter_dir(announcement: AdapterAnnouncement) -> Path:
+    """The adapter directory of an announcement, once its weights match the announced sha256."""
+    folder = Path(announcement.uri.removeprefix("file://"))
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"adapter {announcement.version}: no weights at {weights}")
+    actual = file_sha256(weights)
+    if actual != announcement.sha256:
+        raise ModelError(
+            f"adapter {announcement.version}: sha256 mismatch (announced {announcement.sha256[:12]}, "
+            f"found {actual[:12]}); refusing it"
+        )
+    return folder
+
+
 class Generator:
     """Turns a batch of history updates into one Recommendation per user."""
 
@@ -66,6 +94,16 @@ class Generator:
             log.info("model loaded: %s", self.recommender.version)
         else:
             self.recommender.set_catalog(catalog)
+
+    def apply_adapter(self, announcement: AdapterAnnouncement) -> None:
+        """Put an announced adapter in service, between two batches (this runs in the generation
+        thread). Raises ModelError, leaving the adapter in service untouched, when it is missing,
+        corrupt or does not fit the model."""
+        if self.recommender is None:
+            raise ModelError("no model loaded yet")
+        folder = verified_adapter_dir(announcement)
+        self.recommender.load_adapter(str(folder), version=announcement.version)
+        log.info("adapter %s in service", announcement.version)
 
     def generate(self, updates: Sequence[HistoryUpdate], trending: Mapping[str, float]) -> list[Recommendation]:
         if self.recommender is None:

@@ -32,3 +32,6 @@ FRESHNESS_SECONDS = Histogram(
 CONSUMER_LAG = Gauge("streamrec_consumer_lag", "Messages not yet read, per topic.", ["topic"])
 MODEL_INFO = Info("streamrec_model", "Model in service: base and adapter version.")
 ADAPTER_SWAPS = Counter("streamrec_adapter_swaps_total", "Adapter versions put in service.")
+ADAPTER_REJECTED = Counter(
+    "streamrec_adapter_rejected_total", "Announced adapters a worker refused to load.", ["reason"]
+)
