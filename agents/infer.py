@@ -151,7 +151,9 @@ def register(app: faust.App, settings: Settings) -> None:
                 return
             await loop.run_in_executor(executor, generator.apply_adapter, announcement)
         except Exception as exc:  # whatever is wrong with an adapter, the one in service stays
-            reason = {InvalidMessage: "invalid", ModelError: "rejected"}.get(type(exc), "load_failed")
+            reason = (
+                "invalid" if isinstance(exc, InvalidMessage) else "rejected" if isinstance(exc, ModelError) else "load"
+            )
             ADAPTER_REJECTED.labels(reason=reason).inc()
             log.error("adapter announcement refused, keeping the adapter in service: %s", exc)
             return

@@ -3,7 +3,6 @@ the Recommender and runs in the worker's generation thread, never on the event l
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -15,6 +14,7 @@ from streamrec.catalog import Catalog
 from streamrec.errors import ModelError
 from streamrec.events import AdapterAnnouncement, HistoryUpdate, Recommendation, RecommendedItem, utcnow
 from streamrec.instructions import RecRequest
+from streamrec.registry import WEIGHTS, sha256_file
 from streamrec.serving import model_weight, serve_list
 from streamrec.settings import Settings
 
@@ -48,15 +48,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
     )
 
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+ADAPTER_WEIGHTS = WEIGHTS
 
 
 def verified_adapter_dir(announcement: AdapterAnnouncement) -> Path:
@@ -65,7 +57,7 @@ def verified_adapter_dir(announcement: AdapterAnnouncement) -> Path:
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise ModelError(f"adapter {announcement.version}: no weights at {weights}")
-    actual = file_sha256(weights)
+    actual = sha256_file(weights)
     if actual != announcement.sha256:
         raise ModelError(
             f"adapter {announcement.version}: sha256 mismatch (announced {announcement.sha256[:12]}, "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from streamrec.broker import die_with_parent
 from streamrec.errors import StreamrecError
 from streamrec.settings import KafkaSettings, Settings, client_config, to_env
 
@@ -31,6 +32,7 @@ def spawn_worker(role: str, settings: Settings, log: Path | None = None) -> subp
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal goes to the parent, which stops children cleanly
+            preexec_fn=die_with_parent,
         )
     finally:
         if not isinstance(out, int):

@@ -20,6 +20,7 @@ app.add_typer(schemas_app, name="schemas")
 
 # Registration by import: each module decorates commands onto the apps above.
 from streamrec.cli import model as _model  # noqa: E402, F401
+from streamrec.cli import ops as _ops  # noqa: E402, F401
 from streamrec.cli import stream as _stream  # noqa: E402, F401
 
 

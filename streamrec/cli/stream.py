@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def broker(
             created = create_topics(kafka, settings.topics)
             console.print(f"created topics: {', '.join(created) or '(none)'}")
         console.print("memory storage: everything is gone when it stops. Ctrl-C to stop.")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             while True:
                 time.sleep(3600)
@@ -180,6 +182,9 @@ def bench_infer(
     users: int = typer.Option(256, help="Simulated users, each with their last 20 events."),
     repeats: int = typer.Option(3, help="Timed runs per path after one warm-up; medians are reported."),
     flan: bool = typer.Option(True, "--flan/--no-flan", help="Also measure the Flan-T5-small shape (slow)."),
+    threads: int = typer.Option(
+        0, help="torch threads (0: the usable cores). On a CPU shared with busy processes, fewer can be faster."
+    ),
     out: Path = typer.Option(Path("bench-infer.json"), help="Where to write the JSON report."),
 ) -> None:
     """Users/s of recommend() batched against one user at a time, same model and histories."""
@@ -190,7 +195,7 @@ def bench_infer(
     from streamrec.bench.infer import run
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(usable)
+    torch.set_num_threads(threads or usable)
     run(out, users=users, repeats=repeats, flan=flan)
 
 

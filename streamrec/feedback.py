@@ -1,0 +1,230 @@
+"""Feedback: the pure rules that join recommendations with the events that follow them into training
+examples, and the bounded buffer those examples live in. No Kafka, no disk, no torch: the feedback
+agent calls these and stores the values they return."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from streamrec.events import Event, Recommendation
+from streamrec.instructions import HistoryItem
+
+DEFAULT_KEEP = 5  # recommendations remembered per user
+DEFAULT_CAPACITY = 50_000  # examples in the buffer
+
+
+class FeedbackExample(BaseModel):
+    """One training example: what the user had done (`history`, oldest first), what they chose next
+    (`target`), and the recommendation list in force at that moment, if any (`recommended`, ranked;
+    `taken` is the part of it the user took: the target when it was recommended, else nothing).
+    `event_id` is the target event's id: unique, so it is the example's key."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str
+    user_id: str
+    history: tuple[HistoryItem, ...]
+    target: str
+    target_type: str
+    ts: datetime
+    rec_id: str | None = None
+    recommended: tuple[str, ...] = ()
+    taken: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _taken_was_recommended(self) -> FeedbackExample:
+        if not set(self.taken) <= set(self.recommended):
+            raise ValueError(f"taken {list(self.taken)} is not a subset of recommended {list(self.recommended)}")
+        return self
+
+    @property
+    def ignored(self) -> tuple[str, ...]:
+        """The recommended items the user did not take, in rank order."""
+        return tuple(i for i in self.recommended if i not in self.taken)
+
+    @property
+    def target_item(self) -> HistoryItem:
+        return HistoryItem(self.target, self.target_type)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> FeedbackExample:
+        return cls.model_validate_json(raw)
+
+
+class PendingRec(BaseModel):
+    """A recommendation remembered for joining. `at` is in event time (see PendingRecs)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rec_id: str
+    at: datetime
+    items: tuple[str, ...]
+    trigger_event_id: str | None = None
+
+
+class Joined(NamedTuple):
+    pending: PendingRecs
+    examples: list[FeedbackExample]
+
+
+class PendingRecs(BaseModel):
+    """The recommendations in force for one user (the newest `keep`, oldest first).
+
+    Joining rule for an event E with `history_before` (the user's history just before E):
+    1. If E.rec_id names a remembered recommendation R, R is the list in force (no horizon check:
+       the client said so). Otherwise (no rec_id, or one no longer remembered):
+    2. among the recommendations R with E.ts - horizon_s <= R.at <= E.ts, not triggered by E itself,
+       the most recent whose items include E.item_id is the list in force; if none includes it, the
+       most recent of them is (the user ignored it); if there are none, no list is in force.
+    The result is one example whose target is E's item, `recommended` = the list in force (empty when
+    none), `taken` = (E.item_id,) if it is in that list else (). The only exception: an event with an
+    empty history and no list in force yields no example (nothing to learn from).
+
+    A recommendation's time `at` is its trigger's event time (`event_ts`), else `generated_at`: the
+    join runs in event time, so a replayed log joins exactly like live traffic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    recs: tuple[PendingRec, ...] = ()
+
+    def add_recommendation(self, rec: Recommendation, *, keep: int = DEFAULT_KEEP) -> PendingRecs:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        if any(r.rec_id == rec.rec_id for r in self.recs):
+            return self  # redelivered after a restart
+        entry = PendingRec(
+            rec_id=rec.rec_id,
+            at=rec.event_ts or rec.generated_at,
+            items=tuple(i.item_id for i in rec.items),
+            trigger_event_id=rec.trigger_event_id,
+        )
+        # Recommendations can arrive out of order (several inference workers), so keep them sorted.
+        recs = sorted((*self.recs, entry), key=lambda r: (r.at, r.rec_id))
+        return PendingRecs(recs=tuple(recs[-keep:]))
+
+    def in_force(self, event: Event, horizon_s: float) -> tuple[PendingRec | None, bool]:
+        """The list in force for `event` under the rule above, and whether the event's item is in it."""
+        if event.rec_id is not None:
+            named = next((r for r in self.recs if r.rec_id == event.rec_id), None)
+            if named is not None:
+                return named, event.item_id in named.items
+        ts = event.ts.timestamp()
+        window = [
+            r for r in self.recs if ts - horizon_s <= r.at.timestamp() <= ts and r.trigger_event_id != event.event_id
+        ]
+        for r in reversed(window):
+            if event.item_id in r.items:
+                return r, True
+        return (window[-1], False) if window else (None, False)
+
+    def on_event(self, event: Event, history_before: Sequence[HistoryItem], horizon_s: float) -> Joined:
+        """(pending after the event, examples): see the class docstring for the rule. Recommendations
+        are kept after being taken, since one list can lead to several clicks."""
+        if horizon_s < 0:
+            raise ValueError("horizon_s must not be negative")
+        rec, taken = self.in_force(event, horizon_s)
+        if rec is None and not history_before:
+            return Joined(self, [])
+        example = FeedbackExample(
+            event_id=event.event_id,
+            user_id=event.user_id,
+            history=tuple(history_before),
+            target=event.item_id,
+            target_type=event.type.value,
+            ts=event.ts,
+            rec_id=None if rec is None else rec.rec_id,
+            recommended=() if rec is None else rec.items,
+            taken=(event.item_id,) if taken else (),
+        )
+        return Joined(self, [example])
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PendingRecs:
+        return cls.model_validate_json(raw)
+
+
+def _order(example: FeedbackExample) -> tuple[float, str]:
+    return (example.ts.timestamp(), example.event_id)
+
+
+class FeedbackBuffer(BaseModel):
+    """The newest `capacity` examples by event time (oldest first, ties by event_id), without
+    duplicates: an example whose event_id is already held is dropped, so replaying events after a
+    restart does not count them twice. `append` costs O(capacity): append in batches."""
+
+    model_config = ConfigDict(frozen=True)
+
+    capacity: int = Field(default=DEFAULT_CAPACITY, ge=1)
+    examples: tuple[FeedbackExample, ...] = ()
+
+    def append(self, new: Iterable[FeedbackExample]) -> FeedbackBuffer:
+        seen = {e.event_id for e in self.examples}
+        added: list[FeedbackExample] = []
+        for e in new:
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                added.append(e)
+        if not added:
+            return self
+        merged = sorted((*self.examples, *added), key=_order)
+        return FeedbackBuffer(capacity=self.capacity, examples=tuple(merged[-self.capacity :]))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> FeedbackBuffer:
+        return cls.model_validate_json(raw)
+
+
+class TrainSplit(NamedTuple):
+    train: list[FeedbackExample]
+    holdout: list[FeedbackExample]
+
+
+def split_fresh_replay(
+    buffer: FeedbackBuffer | Sequence[FeedbackExample],
+    since_ts: datetime | None,
+    replay_share: float,
+    rng: random.Random | int,
+    *,
+    holdout: int,
+) -> TrainSplit:
+    """Split for one online increment.
+
+    holdout: the `holdout` most recent examples, kept for the gate and never trained on.
+    train: every other example newer than `since_ts` (fresh; all of them when `since_ts` is None)
+    plus a uniform sample of older ones (replay) sized so that replay makes up `replay_share` of the
+    training set (0.5: as many old as fresh), or fewer when not enough old ones exist. Both lists
+    are in time order; shuffle for training. Deterministic for a given `rng` state or seed."""
+    if not 0.0 <= replay_share < 1.0:
+        raise ValueError("replay_share must be in [0, 1)")
+    if holdout < 0:
+        raise ValueError("holdout must not be negative")
+    examples = sorted(buffer.examples if isinstance(buffer, FeedbackBuffer) else buffer, key=_order)
+    rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+    cut = len(examples) - min(holdout, len(examples))
+    rest, held = examples[:cut], examples[cut:]
+    if since_ts is None:
+        old, fresh = [], rest
+    else:
+        since = since_ts.timestamp()
+        old = [e for e in rest if e.ts.timestamp() <= since]
+        fresh = [e for e in rest if e.ts.timestamp() > since]
+    wanted = round(len(fresh) * replay_share / (1.0 - replay_share))
+    replay = rng.sample(old, min(wanted, len(old)))
+    return TrainSplit(train=sorted([*replay, *fresh], key=_order), holdout=held)

@@ -1,0 +1,178 @@
+"""Shared checks for the deployment files: compose interpolation, STREAMREC_* names against the
+settings model, `streamrec` command lines against the real CLI, and a small kustomize renderer
+(resources + strategic-merge patches) so manifests validate without kubectl or a Docker engine."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import typer
+import yaml
+from pydantic import BaseModel
+from typer.exceptions import TyperException
+
+from streamrec.cli import app
+from streamrec.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+PREFIX = "STREAMREC_"
+
+_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with nothing set in the environment: the default ('' without one)."""
+    if "${" not in value:
+        return value.replace("$$", "$")
+    return _VAR.sub(lambda m: m.group("default") or "", value).replace("$$", "$")
+
+
+def setting_names(model: type[BaseModel] = Settings, prefix: str = PREFIX) -> set[str]:
+    """Every environment variable the settings model reads, e.g. STREAMREC_KAFKA__BOOTSTRAP_SERVERS."""
+    names: set[str] = set()
+    for name, field in model.model_fields.items():
+        var = prefix + name.upper()
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            names |= setting_names(nested, var + "__")
+        else:
+            names.add(var)
+    return names
+
+
+def unknown_settings(env: dict[str, str]) -> list[str]:
+    """STREAMREC_* names that are no setting (Settings ignores extras, so a typo would be silent)."""
+    known = setting_names()
+    return sorted(k for k in env if k.upper().startswith(PREFIX) and k.upper() not in known)
+
+
+def settings_from_env(env: dict[str, str]) -> Settings:
+    """Settings exactly as a process with this environment (and no .env file) would read them."""
+    with mock.patch.dict(os.environ, {k: v for k, v in env.items() if k.startswith(PREFIX)}, clear=True):
+        return Settings(_env_file=None)
+
+
+class CommandLineError(ValueError):
+    """A `streamrec` argument list that the CLI would refuse."""
+
+
+def parse_command(args: list[str]) -> typer.Context:
+    """Parse a `streamrec` argument list with the real CLI without running it: unknown verbs,
+    unknown options, missing required options and bad values raise CommandLineError."""
+    command: Any = typer.main.get_command(app)
+    ctx = typer.Context(command, info_name="streamrec")
+    rest = list(args)
+    # typer vendors its own click: recognise a group by what it does, not by click's classes.
+    while hasattr(command, "list_commands"):
+        if not rest or rest[0].startswith("-"):
+            raise CommandLineError(f"{args}: {ctx.command_path!r} needs a verb")
+        name, *rest = rest
+        sub = command.get_command(ctx, name)
+        if sub is None:
+            raise CommandLineError(f"{args}: no command {name!r} in {ctx.command_path!r}")
+        command = sub
+        ctx = typer.Context(command, info_name=name, parent=ctx)
+    try:
+        # make_context parses and converts every parameter, as a real invocation would.
+        parsed: typer.Context = command.make_context(ctx.info_name, rest, parent=ctx.parent, resilient_parsing=False)
+    except TyperException as exc:
+        raise CommandLineError(f"{args}: {exc}") from exc
+    return parsed
+
+
+def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _named(items: list[Any]) -> bool:
+    return all(isinstance(i, dict) and "name" in i for i in items)
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """The part of kustomize's strategic merge these manifests use: maps merge, lists of named maps
+    (containers, env, volumes, ports) merge by name, other lists are replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(patch, list) and _named(base) and _named(patch):
+        out = list(base)
+        for item in patch:
+            at = next((n for n, b in enumerate(out) if b["name"] == item["name"]), None)
+            if at is None:
+                out.append(item)
+            else:
+                out[at] = strategic_merge(out[at], item)
+        return out
+    return patch
+
+
+SUPPORTED_KUSTOMIZE_FIELDS = {"apiVersion", "kind", "namespace", "labels", "resources", "patches", "images"}
+
+
+def render_kustomization(directory: Path) -> list[dict[str, Any]]:
+    """Resources of a kustomization with its patches applied (namespace, labels and images are
+    left out: they do not change whether a resource is valid)."""
+    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    extra = set(kust) - SUPPORTED_KUSTOMIZE_FIELDS
+    assert not extra, f"{directory}: the test renderer does not handle {sorted(extra)}; extend deploy_helpers"
+    resources: list[dict[str, Any]] = []
+    for entry in kust.get("resources", []):
+        target = (directory / entry).resolve()
+        assert target.exists(), f"{directory}/kustomization.yaml: missing resource {entry}"
+        if target.is_dir():
+            resources.extend(render_kustomization(target))
+        else:
+            resources.extend(load_yaml_documents(target))
+    for patch_entry in kust.get("patches", []):
+        assert set(patch_entry) == {"path"}, f"{directory}: only `patches: - path: FILE` is supported"
+        patch = yaml.safe_load((directory / patch_entry["path"]).read_text())
+        key = (patch["kind"], patch["metadata"]["name"])
+        matches = [n for n, r in enumerate(resources) if (r["kind"], r["metadata"]["name"]) == key]
+        assert len(matches) == 1, f"{directory}: patch {patch_entry['path']} matches {len(matches)} resources"
+        resources[matches[0]] = strategic_merge(resources[matches[0]], patch)
+    return resources
+
+
+def metric_samples() -> dict[str, set[str]]:
+    """Sample names each metric in streamrec.metrics exports, by metric family name."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import streamrec.metrics as metrics
+
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+        "info": ("_info",),
+    }
+    out: dict[str, set[str]] = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            family = next(iter(value.describe()))
+            out[family.name] = {family.name + s for s in suffixes[family.type]}
+    return out
+
+
+def metric_labels() -> dict[str, set[str]]:
+    """Label names of each exported sample name."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    import streamrec.metrics as metrics
+
+    samples = metric_samples()
+    out: dict[str, set[str]] = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            family = next(iter(value.describe()))
+            labels = set(value._labelnames)
+            for sample in samples[family.name]:
+                out[sample] = labels | ({"le"} if sample.endswith("_bucket") else set())
+    return out

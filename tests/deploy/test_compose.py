@@ -1,0 +1,179 @@
+"""docker-compose.yml and deploy/Dockerfile stay true without a Docker engine: every streamrec
+service runs a command the CLI accepts, every STREAMREC_* variable is a setting, the wiring
+(health, dependencies, profiles, volumes, GPU reservation) is what the README describes."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+from deploy_helpers import (
+    DEPLOY,
+    REPO,
+    interpolate,
+    parse_command,
+    settings_from_env,
+    unknown_settings,
+)
+from packaging.requirements import Requirement
+
+COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+STREAMREC = sorted(n for n, s in SERVICES.items() if s.get("build", {}).get("dockerfile") == "deploy/Dockerfile")
+WORKERS = sorted(n for n in STREAMREC if SERVICES[n]["command"][0] == "worker")
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    assert isinstance(env, dict), "write environment as a mapping"
+    return {k: interpolate(str(v)) for k, v in env.items()}
+
+
+def test_streamrec_services_found() -> None:
+    assert {"topics", "ingest", "infer", "infer-gpu", "simulator"} <= set(STREAMREC)
+    assert {"ingest", "infer", "infer-gpu"} <= set(WORKERS)
+
+
+@pytest.mark.parametrize("name", STREAMREC)
+def test_command_is_a_real_streamrec_command(name: str) -> None:
+    command = SERVICES[name]["command"]
+    assert isinstance(command, list), "use the exec form: a list, no shell"
+    parse_command([interpolate(str(arg)) for arg in command])
+
+
+@pytest.mark.parametrize("name", STREAMREC)
+def test_environment_is_real_settings(name: str) -> None:
+    env = env_of(SERVICES[name])
+    assert unknown_settings(env) == []
+    settings = settings_from_env(env)
+    assert settings.kafka.bootstrap_list == ["kafka:9092"]
+    assert settings.data_dir.as_posix() == "/data"
+
+
+def test_topics_partitions_and_replication_are_configurable() -> None:
+    raw = SERVICES["topics"]["environment"]
+    for var in ("STREAMREC_TOPICS__PARTITIONS", "STREAMREC_TOPICS__REPLICATION_FACTOR"):
+        assert re.fullmatch(r"\$\{\w+:-\d+\}", str(raw[var])), f"{var} should be ${{VAR:-default}}"
+    ctx = parse_command([interpolate(a) for a in SERVICES["topics"]["command"]])
+    assert ctx.info_name == "create"
+    # Workers share the topics service's view of the topics.
+    for name in WORKERS:
+        assert (
+            env_of(SERVICES[name])["STREAMREC_TOPICS__PARTITIONS"]
+            == env_of(SERVICES["topics"])["STREAMREC_TOPICS__PARTITIONS"]
+        )
+
+
+def test_kafka_is_kraft_with_a_healthcheck() -> None:
+    kafka = SERVICES["kafka"]
+    assert kafka["image"].startswith("apache/kafka:")
+    env = kafka["environment"]
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert "ZOOKEEPER" not in " ".join(env).upper()
+    assert "INTERNAL://kafka:9092" in env["KAFKA_ADVERTISED_LISTENERS"]
+    assert kafka["healthcheck"]["test"]
+    assert SERVICES["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert SERVICES["topics"].get("restart") == "no"
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_wait_for_topics_and_report_health(name: str) -> None:
+    service = SERVICES[name]
+    assert service["depends_on"]["topics"]["condition"] == "service_completed_successfully"
+    # The one-shot created the topics; a worker must not create them with other settings.
+    assert "--no-create" in service["command"]
+    port = settings_from_env(env_of(service)).web_port
+    assert f"127.0.0.1:{port}/healthz" in " ".join(service["healthcheck"]["test"])
+    assert any(str(p).endswith(f":{port}") for p in service.get("ports", []))
+
+
+def test_profiles() -> None:
+    profiles = {name: tuple(s.get("profiles", ())) for name, s in SERVICES.items()}
+    for name in ("kafka", "topics", "ingest", "infer"):
+        assert profiles[name] == (), f"{name} runs by default"
+    assert profiles["infer-gpu"] == ("gpu",)
+    assert profiles["simulator"] == ("demo",)
+    assert profiles["prometheus"] == profiles["grafana"] == ("monitoring",)
+
+
+def test_inference_runs_on_cpu_by_default_and_gpu_under_its_profile() -> None:
+    cpu, gpu = SERVICES["infer"], SERVICES["infer-gpu"]
+    assert settings_from_env(env_of(cpu)).model.device == "cpu"
+    assert "deploy" not in cpu
+    assert settings_from_env(env_of(gpu)).model.device == "cuda"
+    assert gpu["build"]["args"]["VARIANT"] == "cuda"
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert gpu["command"] == cpu["command"]
+
+
+def test_volumes_are_declared_and_bind_mounts_exist() -> None:
+    declared = set(COMPOSE["volumes"])
+    assert {"ingest-state", "models"} <= declared
+    for name, service in SERVICES.items():
+        for spec in service.get("volumes", []):
+            source, _target = str(spec).split(":")[:2]
+            if source.startswith("."):
+                assert (REPO / source).exists(), f"{name}: {source} is not in the repository"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
+    assert "ingest-state:/data" in SERVICES["ingest"]["volumes"]
+    assert "models:/models" in SERVICES["infer"]["volumes"]
+
+
+def test_dependencies_exist() -> None:
+    for name, service in SERVICES.items():
+        for dep in service.get("depends_on", {}):
+            assert dep in SERVICES, f"{name} depends on unknown {dep}"
+
+
+# ---- Dockerfile ----
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_dockerfile_runtime_stage() -> None:
+    instructions = dockerfile_instructions()
+    last_from = max(n for n, (k, _) in enumerate(instructions) if k == "FROM")
+    runtime = instructions[last_from:]
+    users = [v for k, v in runtime if k == "USER"]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+    volumes = " ".join(v for k, v in runtime if k == "VOLUME")
+    assert '"/data"' in volumes and '"/models"' in volumes
+    assert ("ENTRYPOINT", '["streamrec"]') in runtime
+    env = dict(re.findall(r"(STREAMREC_\w+)=(\S+)", " ".join(v for k, v in runtime if k == "ENV")))
+    assert unknown_settings(env) == []
+    assert settings_from_env(env).data_dir.as_posix() == "/data"
+
+
+def test_dockerfile_pins_torch_within_the_project_range() -> None:
+    instructions = dockerfile_instructions()
+    args = dict(v.split("=", 1) for k, v in instructions if k == "ARG" and "=" in v)
+    assert args["TORCH_VERSION"] == "2.13.0"
+    project = (REPO / "pyproject.toml").read_text()
+    torch_req = Requirement(re.search(r'"(torch[^"]*)"', project).group(1))  # type: ignore[union-attr]
+    assert torch_req.specifier.contains(args["TORCH_VERSION"])
+    # One stage per variant, selected by the build argument.
+    stages = {v.split(" AS ")[-1] for k, v in instructions if k == "FROM" and " AS " in v}
+    variants = {str(s["build"]["args"]["VARIANT"]) for n, s in SERVICES.items() if n in STREAMREC}
+    assert {f"torch-{v}" for v in variants | {args["VARIANT"]}} <= stages
+
+
+def test_dockerfile_copies_what_exists_and_is_not_ignored() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for keyword, value in dockerfile_instructions():
+        if keyword == "COPY" and not value.startswith("--from"):
+            for source in value.split()[:-1]:
+                assert (REPO / source).exists(), source
+                assert f"!{source.rstrip('/')}" in {i.rstrip("/") for i in ignore}, f"{source} is dockerignored"
