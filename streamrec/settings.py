@@ -180,6 +180,9 @@ class Settings(BaseSettings):
 
     app_id: str = Field(default="streamrec", description="faust app id: consumer group and changelog prefix.")
     data_dir: Path = Path("./streamrec-data")
+    registry_dir: Path | None = Field(
+        default=None, description="Adapter registry (a shared volume for several workers); default DATA_DIR/adapters."
+    )
     web_port: int = Field(default=6066, ge=0, le=65535)
     web_host: str = "0.0.0.0"
     kafka: KafkaSettings = KafkaSettings()
@@ -198,6 +201,10 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(
         default=10.0, gt=0, description="A worker silent for this long is dropped from its consumer group."
     )
+
+
+def registry_root(settings: Settings) -> Path:
+    return settings.registry_dir or settings.data_dir / "adapters"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -19,6 +19,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(schemas_app, name="schemas")
 
 # Registration by import: each module decorates commands onto the apps above.
+from streamrec.cli import adapters as _adapters  # noqa: E402, F401
 from streamrec.cli import model as _model  # noqa: E402, F401
 from streamrec.cli import ops as _ops  # noqa: E402, F401
 from streamrec.cli import stream as _stream  # noqa: E402, F401

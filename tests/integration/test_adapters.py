@@ -112,3 +112,44 @@ def test_bad_adapters_are_refused_and_a_good_one_swaps_in_under_load(make_settin
     finally:
         stop_process(infer)
         stop_process(ingest)
+
+
+def test_promote_and_rollback_announce_on_the_adapters_topic(make_settings: Any, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from streamrec.broker import create_topics, read_topic
+    from streamrec.registry import AdapterRegistry
+    from streamrec.settings import registry_root, to_env
+
+    settings = make_settings()
+    create_topics(settings.kafka, settings.topics)
+    registry = AdapterRegistry(registry_root(settings))
+    first = make_adapter(catalog(20), tmp_path / "src1")
+    v1 = registry.register(first, metrics={"HR@10": 0.2, "NDCG@10": 0.1})
+    v2 = registry.register(first, parent=v1.version, metrics={"HR@10": 0.25, "NDCG@10": 0.12})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")} | to_env(settings)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "streamrec", "adapters", *args], env=env, text=True, capture_output=True, timeout=120
+        )
+
+    assert cli("promote", v1.version).returncode == 0
+    assert cli("promote", v2.version).returncode == 0
+    listed = cli("list")
+    assert v1.version in listed.stdout and v2.version in listed.stdout
+    assert cli("rollback").returncode == 0
+    announced = [
+        AdapterAnnouncement.model_validate_json(r.value) for r in read_topic(settings.kafka, settings.topics.adapters)
+    ]
+    assert [a.version for a in announced] == [v1.version, v2.version, v1.version]
+    assert announced[-1].sha256 == v1.sha256 and registry.current_version() == v1.version
+
+    # A tampered version is refused at promotion: nothing is announced.
+    weights = registry.path(v2.version) / ADAPTER_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    refused = cli("promote", v2.version)
+    assert refused.returncode != 0 and "sha256" in (refused.stdout + refused.stderr).lower()
+    assert len(read_topic(settings.kafka, settings.topics.adapters)) == 3

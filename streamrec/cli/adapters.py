@@ -1,0 +1,84 @@
+"""Adapter verbs: list the registry, promote a version, roll back. A promotion is written to the
+registry and announced on the compacted adapters topic, which every inference worker follows."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streamrec.cli import app
+from streamrec.settings import Settings, load_settings, registry_root
+
+adapters_app = typer.Typer(help="The LoRA adapter registry: list, promote, roll back.", no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+console = Console()
+
+
+def _announce(settings: Settings, manifest: object) -> None:
+    from streamrec.broker import producer
+    from streamrec.events import ADAPTER_KEY
+    from streamrec.registry import AdapterRegistry, Manifest
+
+    assert isinstance(manifest, Manifest)
+    message = AdapterRegistry(registry_root(settings)).announcement(manifest)
+    prod = producer(settings.kafka)
+    prod.send(settings.topics.adapters, key=ADAPTER_KEY, value=message.model_dump_json().encode()).get(timeout=30)
+    prod.close()
+    console.print(f"announced {manifest.version} on {settings.topics.adapters}")
+
+
+@adapters_app.command("list")
+def list_adapters() -> None:
+    """Every registered version, oldest first; the promoted one is marked."""
+    from streamrec.registry import AdapterRegistry
+
+    registry = AdapterRegistry(registry_root(load_settings()))
+    current = registry.current_version()
+    table = Table(title=f"adapters in {registry.root}")
+    for col in ("", "version", "parent", "created", "HR@10", "NDCG@10", "sha256"):
+        table.add_column(col)
+    for m in registry.versions():
+        table.add_row(
+            "*" if m.version == current else "",
+            m.version,
+            m.parent or "-",
+            m.created_at.isoformat(timespec="seconds"),
+            f"{m.metrics.get('HR@10', float('nan')):.4f}",
+            f"{m.metrics.get('NDCG@10', float('nan')):.4f}",
+            m.sha256[:12],
+        )
+    console.print(table)
+
+
+@adapters_app.command()
+def promote(version: str = typer.Argument(..., help="The version to put in service.")) -> None:
+    """Verify a version's weights, make it current and announce it to the inference workers."""
+    from streamrec.errors import ModelError
+    from streamrec.registry import AdapterRegistry
+
+    settings = load_settings()
+    try:
+        manifest = AdapterRegistry(registry_root(settings)).promote(version)
+    except ModelError as exc:
+        console.print(f"[red]refused: {exc}[/]")
+        raise typer.Exit(1) from None
+    _announce(settings, manifest)
+
+
+@adapters_app.command()
+def rollback() -> None:
+    """Go back to the previously promoted version and announce it."""
+    from streamrec.errors import ModelError
+    from streamrec.registry import AdapterRegistry
+
+    settings = load_settings()
+    try:
+        manifest = AdapterRegistry(registry_root(settings)).rollback()
+    except ModelError as exc:
+        console.print(f"[red]refused: {exc}[/]")
+        raise typer.Exit(1) from None
+    if manifest is None:
+        console.print("[yellow]nothing to roll back to[/]")
+        raise typer.Exit(1)
+    _announce(settings, manifest)
