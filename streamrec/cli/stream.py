@@ -218,12 +218,14 @@ def bench_e2e(
     rate: float = typer.Option(200.0, help="Events per second to drive."),
     duration: float = typer.Option(60.0, help="Seconds measured (after a warm-up)."),
     model: str = typer.Option("tiny", help="STREAMREC_MODEL__BASE for the inference worker."),
+    users: int = typer.Option(2_000, help="Simulated users (fewer users: more events per user per batch)."),
+    items: int = typer.Option(1_000, help="Catalog size."),
     out: Path = typer.Option(Path("bench-e2e.json"), help="Where to write the JSON report."),
 ) -> None:
     """Freshness (trigger event in Kafka -> recommendation in Kafka) p50/p99 at a fixed event rate."""
     from streamrec.bench.e2e import run
 
-    run(rate, duration, out, model=model)
+    run(rate, duration, out, model=model, users=users, items=items)
 
 
 @app.command()
