@@ -113,6 +113,7 @@ class Recommender:
         self.texts: dict[str, tuple[str, str]] = {}
         self.trie = ItemTrie({})
         self._single: dict[int, str] = {}
+        self._single_items: list[str] = []
         self.blend: Blend | None = None
 
     # ---------------------------------------------------------------- building and loading
@@ -281,6 +282,7 @@ class Recommender:
             paths = {i: self.trie.path(i) for i in self.trie.items}
             single = all(len(p) == 2 and p[1] == eos for p in paths.values())
             self._single = {p[0]: i for i, p in paths.items()} if single else {}
+            self._single_items = list(self._single.values())
 
     @property
     def start_token_id(self) -> int:
@@ -355,8 +357,8 @@ class Recommender:
 
     @property
     def single_token_items(self) -> list[str]:
-        """The items `item_log_probs` scores, column by column."""
-        return list(self._single.values())
+        """The items `item_log_probs` scores, column by column (one shared list: do not modify)."""
+        return self._single_items
 
     def recommend(
         self,

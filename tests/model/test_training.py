@@ -77,9 +77,9 @@ def _baseline_hr10(split: Split, catalog: Catalog) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_learns_a_sequential_pattern_the_baselines_cannot(tmp_path: Path) -> None:
-    catalog, events = _series_log(120)
+    catalog, events = _series_log(150)
     split = leave_one_out(events)
-    cfg = SMALL.model_copy(update={"epochs": 12, "patience": 4})
+    cfg = SMALL.model_copy(update={"epochs": 20, "patience": 4})
     rec, report = train(split, catalog, tmp_path / "m", cfg, scheme="title", device="cpu", progress=False)
     users = sorted(split.test)
     lists = [[s.item_id for s in lst] for lst in rec.recommend(requests_for(split, "test", users), k=10)]
