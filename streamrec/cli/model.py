@@ -26,6 +26,18 @@ def _threads() -> int:
     return n
 
 
+def _load(data: Path, fmt: str) -> Any:
+    """The dataset, or a usage error naming what is wrong with the file or the format."""
+    from streamrec.datasets import FORMATS, DatasetError, load
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    try:
+        return load(data, fmt)
+    except DatasetError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _train_settings(**overrides: Any) -> Any:
     from streamrec.settings import load_settings
 
@@ -48,7 +60,6 @@ def train(
 ) -> None:
     """Bootstrap a recommender on a historical log: full training (from scratch for 'tiny'), or a LoRA
     increment with --lora. Early-stops on validation NDCG@10 (each user's second-last item)."""
-    from streamrec.datasets import load
     from streamrec.evaluation import leave_one_out
     from streamrec.instructions import Instructions
     from streamrec.training import train as run_train
@@ -56,7 +67,7 @@ def train(
     _threads()
     if lora and base == "tiny":
         raise typer.BadParameter("--lora needs --base DIR, a model written by `streamrec train`")
-    dataset = load(data, fmt)  # type: ignore[arg-type]
+    dataset = _load(data, fmt)
     split = leave_one_out(dataset.events)
     cfg = _train_settings(epochs=epochs, max_minutes=max_minutes, seed=seed)
     typer.echo(
@@ -92,14 +103,13 @@ def evaluate(
 ) -> None:
     """Offline evaluation: leave-one-out in time order, full ranking, history excluded; HR@5/10,
     NDCG@5/10, MRR, coverage@10 for streamrec and the popularity, item-kNN and Markov baselines."""
-    from streamrec.datasets import load
     from streamrec.evaluation import PROTOCOL, leave_one_out
     from streamrec.model import Recommender, resolve_device
     from streamrec.offline import compare, plot
     from streamrec.training import train as run_train
 
     threads = _threads()
-    dataset = load(data, fmt)  # type: ignore[arg-type]
+    dataset = _load(data, fmt)
     split = leave_one_out(dataset.events)
     typer.echo(
         f"{dataset.name}: {len(dataset.events):,} events, {dataset.users:,} users, {len(dataset.catalog):,} items"
