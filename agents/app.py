@@ -1,4 +1,4 @@
-"""Build a faust app for one role (ingest or infer) from Settings. Each role is its own consumer
+"""Build a faust app for one role (ingest, infer or train) from Settings. Each role is its own consumer
 group (the app id plus a suffix): faust expects every member of a group to run the same agents."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from faust.types import TableT
 from agents.internals import set_fetch_max_wait
 from streamrec.settings import Settings, faust_credentials
 
-ROLES = {"ingest": "", "infer": "-infer"}
+ROLES = {"ingest": "", "infer": "-infer", "train": "-train"}
 
 
 @dataclass
@@ -79,7 +79,7 @@ def ingest_streams(settings: Settings) -> Streams:
 
 def create_app(settings: Settings, role: str) -> faust.App:
     """The faust app of `role` with its agents and web views registered."""
-    from agents import catalog, infer, ingest, web
+    from agents import catalog, feedback, infer, ingest, web
 
     if role == "ingest":
         streams = ingest_streams(settings)
@@ -90,6 +90,9 @@ def create_app(settings: Settings, role: str) -> faust.App:
     elif role == "infer":
         app = faust_app(settings, "infer")
         infer.register(app, settings)
+    elif role == "train":
+        app = faust_app(settings, "train")
+        feedback.register(app, settings)
     else:
         raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
     web.register_common(app)

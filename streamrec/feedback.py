@@ -12,6 +12,7 @@ from typing import NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from streamrec.events import Event, Recommendation
+from streamrec.history import UserState, apply_event
 from streamrec.instructions import HistoryItem
 
 DEFAULT_KEEP = 5  # recommendations remembered per user
@@ -228,3 +229,40 @@ def split_fresh_replay(
     wanted = round(len(fresh) * replay_share / (1.0 - replay_share))
     replay = rng.sample(old, min(wanted, len(old)))
     return TrainSplit(train=sorted([*replay, *fresh], key=_order), holdout=held)
+
+
+class FeedbackUser(BaseModel):
+    """What the feedback agent keeps per user, in one table value so a crash restores both together:
+    the rolling history with its dedup memory (the same rules as the ingest worker's) and the
+    recommendations still in force."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: UserState = UserState()
+    pending: PendingRecs = PendingRecs()
+
+    def on_recommendation(self, rec: Recommendation, *, keep: int = DEFAULT_KEEP) -> FeedbackUser:
+        pending = self.pending.add_recommendation(rec, keep=keep)
+        return self if pending is self.pending else FeedbackUser(state=self.state, pending=pending)
+
+    def on_event(
+        self, event: Event, *, max_events: int, dedup_window: int, horizon_s: float, history_items: int
+    ) -> tuple[FeedbackUser, list[FeedbackExample]]:
+        """The user after `event` and the examples it makes: none for a duplicate (a redelivery after
+        a restart counts once). The example's history is what came before the event in EVENT time
+        (the newest `history_items` of it), so a late event is joined where it belongs."""
+        if event.event_id in self.state.seen:
+            return self, []
+        key = (event.ts.timestamp(), event.event_id)
+        before = [e for e in self.state.events if (e.ts.timestamp(), e.event_id) < key][-history_items:]
+        history = [HistoryItem(e.item_id, e.type.value) for e in before]
+        joined = self.pending.on_event(event, history, horizon_s)
+        state, _, _ = apply_event(self.state, event, max_events=max_events, dedup_window=dedup_window)
+        return FeedbackUser(state=state, pending=joined.pending), joined.examples
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> FeedbackUser:
+        return cls.model_validate_json(raw)

@@ -104,7 +104,7 @@ class Generator:
         k = self.settings.model.top_k
         if serve.inject_delay_s:
             time.sleep(serve.inject_delay_s)
-        requests = [RecRequest.from_events(u.events) for u in updates]
+        requests = [RecRequest.from_events(u.events, exclude_seen=serve.exclude_seen) for u in updates]
         # The model only sees users it has something to say about; brand-new users get trending.
         modelled = [n for n, u in enumerate(updates) if model_weight(len(u.events), serve.cold_start_full_at) > 0]
         lists = self.recommender.recommend([requests[n] for n in modelled], k=k) if modelled else []

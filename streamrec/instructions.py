@@ -40,12 +40,17 @@ class RecRequest:
     task: str | None = None
 
     @classmethod
-    def from_events(cls, events: Iterable[Event], task: str | None = None) -> RecRequest:
-        """From a user's events: ordered by event time, purchased items excluded."""
+    def from_events(cls, events: Iterable[Event], task: str | None = None, *, exclude_seen: bool = False) -> RecRequest:
+        """From a user's events: ordered by event time, purchased items excluded (every item in
+        the history with `exclude_seen`)."""
         ordered = sorted(events, key=lambda e: e.ts)
         history = tuple(HistoryItem(e.item_id, e.type.value) for e in ordered)
-        bought = frozenset(e.item_id for e in ordered if e.type == EventType.PURCHASE)
-        return cls(history=history, exclude=bought, task=task)
+        return cls(history=history, exclude=excluded(history, exclude_seen), task=task)
+
+
+def excluded(history: Iterable[HistoryItem], exclude_seen: bool) -> frozenset[str]:
+    """The items never to recommend after `history`: the purchased ones, or all of them."""
+    return frozenset(h.item_id for h in history if exclude_seen or h.type == EventType.PURCHASE.value)
 
 
 @dataclass(frozen=True, slots=True)

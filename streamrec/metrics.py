@@ -35,3 +35,20 @@ ADAPTER_SWAPS = Counter("streamrec_adapter_swaps_total", "Adapter versions put i
 ADAPTER_REJECTED = Counter(
     "streamrec_adapter_rejected_total", "Announced adapters a worker refused to load.", ["reason"]
 )
+
+FEEDBACK_EXAMPLES = Counter(
+    "streamrec_feedback_examples_total",
+    "Training examples the feedback agent stored, by whether the user took a recommended item.",
+    ["outcome"],
+)
+FEEDBACK_STORE = Gauge("streamrec_feedback_store_examples", "Examples in the feedback store.")
+GATE_DECISIONS = Counter("streamrec_gate_decisions_total", "Adapters judged by the gate.", ["decision"])
+INCREMENT_SECONDS = Histogram(
+    "streamrec_train_increment_seconds",
+    "Wall time of one online increment (data, training, gate, registry).",
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+ADAPTER_PROMOTED = Info("streamrec_adapter_promoted", "The adapter the trainer promoted last.")
+LOOP_LAG_SECONDS = Gauge(
+    "streamrec_event_loop_lag_seconds", "How late the event loop ran a 0.5 s timer, worst in the last minute."
+)

@@ -317,7 +317,8 @@ class Recommender:
                         self.model.delete_adapter(old)
                 else:
                     self.model = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=safe)
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                # RuntimeError: weights whose shapes do not fit this model (another base or vocabulary).
                 raise ModelError(f"cannot load adapter {adapter_dir!r}: {exc}") from exc
             self.model.to(self.device).eval()
             self.adapter_version = name
@@ -470,15 +471,37 @@ class Recommender:
     # ---------------------------------------------------------------- training primitives
     # The loop itself lives in training.py; these are the few steps that need torch.
 
-    def add_lora(self, r: int, alpha: int, dropout: float) -> None:
-        """Wrap the model in a fresh LoRA adapter (on the attention's q and v): only it trains."""
+    def add_lora(self, r: int, alpha: int, dropout: float, *, train_items: bool = False) -> None:
+        """Wrap the model in a fresh LoRA adapter (on the attention's q and v): only it trains. With
+        `train_items` (one-token-per-item schemes) the item tokens' embedding rows train too, and
+        are saved in the adapter: attention alone cannot make the model name an item whose
+        embedding never learned anything (an item new since the bootstrap)."""
         from peft import LoraConfig, TaskType, get_peft_model
 
+        tokens = sorted(self._single) if train_items and self._single else None
         cfg = LoraConfig(
-            task_type=TaskType.SEQ_2_SEQ_LM, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=["q", "v"]
+            task_type=TaskType.SEQ_2_SEQ_LM,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=["q", "v"],
+            trainable_token_indices=tokens,
         )
         with self._lock:
             self.model = get_peft_model(self.model, cfg)
+
+    def continue_adapter(self, adapter_dir: str, version: str | None = None) -> None:
+        """Put a saved adapter on the base model with its weights trainable: the next increment
+        starts from the adapter in service instead of from nothing."""
+        from peft import PeftModel
+
+        try:
+            with self._lock:
+                self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=True)
+                self.model.to(self.device)
+                self.adapter_version = version or Path(adapter_dir).name
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelError(f"cannot load adapter {adapter_dir!r} for training: {exc}") from exc
 
     def save_adapter(self, out_dir: str | Path) -> None:
         """Write only the LoRA weights (adapter_config.json + adapter_model.safetensors)."""

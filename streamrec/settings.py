@@ -5,6 +5,7 @@ Secrets are SecretStr, so printing or logging the settings never shows them."""
 from __future__ import annotations
 
 import ssl
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +114,11 @@ class ServeSettings(_Section):
     inject_delay_s: float = Field(
         default=0.0, ge=0, description="Fault injection: extra seconds each generation takes (tests, drills)."
     )
+    exclude_seen: bool = Field(
+        default=False,
+        description="Never recommend an item already in the user's history (films, articles); purchases are "
+        "always excluded.",
+    )
 
 
 class ModelSettings(_Section):
@@ -174,6 +180,40 @@ class TrainSettings(_Section):
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
 
 
+class OnlineSettings(_Section):
+    """The feedback agent and the periodic LoRA trainer (`streamrec worker train`)."""
+
+    horizon_s: float = Field(
+        default=1800.0, ge=0, description="An event joins a recommendation made at most this long before it."
+    )
+    keep_recs: int = Field(default=5, ge=1, description="Recommendations remembered per user for joining.")
+    capacity: int = Field(default=50_000, ge=100, description="Training examples kept in the feedback store.")
+    interval_s: float = Field(default=300.0, gt=0, description="How often the trainer looks for new examples.")
+    min_new_examples: int = Field(default=1000, ge=1, description="New examples needed before an increment runs.")
+    replay_share: float = Field(
+        default=0.5, ge=0, lt=1, description="Share of older examples mixed into each increment (no forgetting)."
+    )
+    max_train_examples: int = Field(
+        default=20_000, ge=1, description="Most training examples per increment, newest fresh ones first."
+    )
+    holdout: int = Field(default=500, ge=1, description="Most recent examples kept out of training for the gate.")
+    gate_tolerance: float = Field(
+        default=0.01, ge=0, description="Largest absolute drop in HR@10 or NDCG@10 the gate lets through."
+    )
+    gate_min_examples: int = Field(default=100, ge=1, description="Held-out examples the gate needs to decide.")
+    epochs: int = Field(default=2, ge=1, description="Passes over an increment's training examples.")
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0, description="Peak AdamW learning rate of an increment.")
+    train_items: bool = Field(
+        default=True,
+        description="item_token scheme: also train the item tokens' embeddings (new and rising items).",
+    )
+    since: datetime | None = Field(
+        default=None,
+        description="Examples before this event time count as old (replay-only) until the first increment.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STREAMREC_",
@@ -198,6 +238,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
+    online: OnlineSettings = OnlineSettings()
     rebalance_timeout_s: float = Field(
         default=60.0,
         gt=0,

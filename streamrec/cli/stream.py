@@ -62,6 +62,16 @@ def worker_infer(
     run_worker("infer", loglevel, create)
 
 
+@worker_app.command("train")
+def worker_train(
+    loglevel: str = typer.Option("info", help="Log level."),
+    create: bool = typer.Option(True, "--create/--no-create", help="Create missing topics before starting."),
+) -> None:
+    """Join recommendations with the events that follow into training examples; every
+    STREAMREC_ONLINE__INTERVAL_S train a LoRA increment, gate it and promote it (run one replica)."""
+    run_worker("train", loglevel, create)
+
+
 def run_worker(role: str, loglevel: str, create: bool) -> None:
     import faust
 

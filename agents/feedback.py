@@ -1,0 +1,218 @@
+"""The train worker: a feedback agent that joins recommendations with the events that follow them into
+training examples, and a periodic trainer (on the group leader) that turns fresh examples plus a
+replay sample of older ones into a gated LoRA increment and announces it when it is promoted."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from agents.infer import TopicMirror, read_catalog
+from agents.internals import bind_event
+from streamrec.errors import InvalidMessage
+from streamrec.events import ADAPTER_KEY, Event, Recommendation, parse
+from streamrec.feedback import FeedbackExample, FeedbackUser
+from streamrec.feedback_store import ExampleStore
+from streamrec.metrics import (
+    ADAPTER_PROMOTED,
+    FEEDBACK_EXAMPLES,
+    FEEDBACK_STORE,
+    GATE_DECISIONS,
+    INCREMENT_SECONDS,
+    LOOP_LAG_SECONDS,
+)
+from streamrec.registry import AdapterRegistry
+from streamrec.settings import Settings, registry_root
+
+log = logging.getLogger(__name__)
+
+HISTORY_ITEMS = 20  # history kept in an example: more than any template shows, so edits still work
+INCREMENTS_LOG = "increments.jsonl"
+CURSOR_FILE = "trainer.json"
+
+
+def increments_path(settings: Settings) -> Path:
+    """One JSON line per increment (gate decision, sizes, version), for operators and `replay`."""
+    return settings.data_dir / INCREMENTS_LOG
+
+
+class Cursor:
+    """The newest example time the last increment trained on, kept on disk: after a restart the
+    trainer goes on from there instead of treating every stored example as fresh."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.data_dir / CURSOR_FILE
+        self.floor = settings.online.since
+
+    def get(self) -> datetime | None:
+        try:
+            stored = json.loads(self.path.read_text())["through"]
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            return self.floor
+        value = None if stored is None else datetime.fromisoformat(stored)
+        if value is None or (self.floor is not None and value < self.floor):
+            return self.floor
+        return value
+
+    def set(self, value: datetime | None) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"through": None if value is None else value.isoformat()}))
+        tmp.replace(self.path)
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    topics, cfg, hist = settings.topics, settings.online, settings.history
+    source = app.topic(topics.clicks, topics.purchases, topics.recommendations, key_type=bytes, value_type=bytes)
+    adapters_topic = app.topic(topics.adapters, key_type=bytes, value_type=bytes)
+    users = app.Table("feedback-users", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = ExampleStore(settings.data_dir / "feedback", cfg.capacity)
+    FEEDBACK_STORE.set(len(store))
+    cache: OrderedDict[bytes, FeedbackUser] = OrderedDict()
+
+    def forget(*_: object, **__: object) -> None:
+        cache.clear()
+
+    app.on_partitions_revoked.connect(forget, weak=False)
+    app.on_partitions_assigned.connect(forget, weak=False)
+
+    def load(key: bytes) -> FeedbackUser:
+        user = cache.get(key)
+        if user is None:
+            stored = users.get(key)
+            user = FeedbackUser.from_bytes(stored) if stored else FeedbackUser()
+        return user
+
+    def remember(key: bytes, user: FeedbackUser) -> None:
+        cache[key] = user
+        cache.move_to_end(key)
+        if len(cache) > settings.ingest.cache_users:
+            cache.popitem(last=False)
+
+    @app.agent(source, name="feedback")
+    async def feedback(stream: faust.StreamT[bytes]) -> None:
+        assert isinstance(stream, faust.Stream)  # take_events is not on the StreamT protocol
+        async for events in stream.take_events(settings.ingest.batch_size, within=settings.ingest.batch_within_s):
+            changed: dict[bytes, tuple[Any, FeedbackUser]] = {}
+            examples: list[FeedbackExample] = []
+            for raw in events:
+                message = raw.message
+                key = message.key if isinstance(message.key, bytes) else None
+                try:
+                    if message.topic == topics.recommendations:
+                        rec = parse(Recommendation, message.value)
+                        key = rec.user_id.encode()
+                        before = changed[key][1] if key in changed else load(key)
+                        user = before.on_recommendation(rec, keep=cfg.keep_recs)
+                        made: list[FeedbackExample] = []
+                    else:
+                        event = parse(Event, message.value)
+                        if key != event.user_id.encode():
+                            raise InvalidMessage("message key is not the event's user_id")
+                        before = changed[key][1] if key in changed else load(key)
+                        user, made = before.on_event(
+                            event,
+                            max_events=hist.max_events,
+                            dedup_window=hist.dedup_window,
+                            horizon_s=cfg.horizon_s,
+                            history_items=HISTORY_ITEMS,
+                        )
+                except InvalidMessage:
+                    # The ingest worker dead-letters bad input; here it is only skipped.
+                    continue
+                if user is not before:
+                    changed[key] = (raw, user)
+                examples.extend(made)
+            # Examples first, the user state second: a crash in between replays the events, and
+            # the store's keys (event time + event id) make the rewrite a no-op.
+            if examples:
+                store.put_many(examples)
+                FEEDBACK_STORE.set(len(store))
+                for example in examples:
+                    FEEDBACK_EXAMPLES.labels(outcome="taken" if example.taken else "ignored").inc()
+            for key, (raw, user) in changed.items():
+                bind_event(raw)
+                users[key] = user.to_bytes()  # faust persists only on assignment
+                remember(key, user)
+
+    register_trainer(app, settings, store, adapters_topic)
+
+
+def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, adapters_topic: faust.TopicT) -> None:
+    cfg = settings.online
+    catalog = TopicMirror(settings.kafka, settings.topics.catalog)
+    app.add_future(catalog.run())
+    registry = AdapterRegistry(registry_root(settings))
+    cursor = Cursor(settings)
+    # One training thread: an increment never runs twice at once and never on the event loop.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+    state: dict[str, Any] = {"running": False, "lag": [], "seq": 0}
+
+    def increment(since: datetime | None) -> Any:
+        from streamrec.online import run_increment
+
+        examples = list(store.examples())
+        state["seq"] += 1
+        return run_increment(settings, read_catalog(catalog.values), examples, since, registry, seed=state["seq"])
+
+    @app.timer(interval=cfg.interval_s, on_leader=True)  # type: ignore[untyped-decorator]
+    async def trainer() -> None:
+        if state["running"]:
+            return
+        since = cursor.get()
+        loop = asyncio.get_running_loop()
+        fresh = await loop.run_in_executor(None, store.count_since, since)
+        if fresh < cfg.min_new_examples + cfg.holdout or not catalog.values:
+            log.info("trainer: %d new examples (need %d + %d held out)", fresh, cfg.min_new_examples, cfg.holdout)
+            return
+        state["running"] = True
+        started = time.monotonic()
+        try:
+            result = await loop.run_in_executor(executor, increment, since)
+        except Exception:
+            log.exception("trainer: the increment failed; the adapter in service stays")
+            return
+        finally:
+            state["running"] = False
+        INCREMENT_SECONDS.observe(time.monotonic() - started)
+        cursor.set(result.through)
+        decision = result.decision
+        GATE_DECISIONS.labels(decision="accepted" if decision.accepted else "refused").inc()
+        record = {"at": datetime.now().astimezone().isoformat(), **result.as_dict()}
+        with increments_path(settings).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if result.manifest is None:
+            log.warning("trainer: gate refused the candidate (parent %s): %s", result.parent, decision.reason)
+            return
+        announcement = registry.announcement(result.manifest)
+        await adapters_topic.send(key=ADAPTER_KEY, value=announcement.model_dump_json().encode())
+        ADAPTER_PROMOTED.info({"version": result.manifest.version, "parent": result.parent or ""})
+        log.info(
+            "trainer: promoted %s (parent %s) after %.1fs: %s",
+            result.manifest.version,
+            result.parent,
+            result.seconds,
+            decision.reason,
+        )
+
+    @app.timer(interval=0.5)  # type: ignore[untyped-decorator]
+    async def loop_lag() -> None:
+        # How late this 0.5 s timer fires is how long something held the event loop.
+        now = time.monotonic()
+        lags: list[tuple[float, float]] = state["lag"]
+        if lags:
+            lags.append((now, max(0.0, now - lags[-1][0] - 0.5)))
+        else:
+            lags.append((now, 0.0))
+        while lags and lags[0][0] < now - 60:
+            lags.pop(0)
+        LOOP_LAG_SECONDS.set(max(lag for _, lag in lags))

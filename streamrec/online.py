@@ -1,0 +1,155 @@
+"""One online increment, top to bottom: split the feedback into fresh, replay and held-out examples;
+load the base model with the adapter in service (trainable, so the increment continues it); score
+it on the held-out examples; train; score the candidate on the same examples; let the gate decide;
+register and promote the candidate when it passes. Runs in the train worker's training thread,
+never on the event loop; announcing a promotion on Kafka is the caller's job."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from streamrec.catalog import Catalog
+from streamrec.errors import ModelError
+from streamrec.feedback import FeedbackExample, split_fresh_replay
+from streamrec.gate import GateDecision, decide, holdout_metrics
+from streamrec.instructions import RecRequest, excluded, task_for
+from streamrec.registry import AdapterRegistry, Manifest
+from streamrec.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Increment:
+    """What one increment did. `manifest` is set when the candidate was promoted."""
+
+    decision: GateDecision
+    fresh: int
+    replay: int
+    holdout: int
+    through: datetime | None  # the newest example trained on: the next increment's `since`
+    parent: str | None
+    manifest: Manifest | None = None
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "decision": self.decision.as_dict(),
+            "fresh": self.fresh,
+            "replay": self.replay,
+            "holdout": self.holdout,
+            "through": None if self.through is None else self.through.isoformat(),
+            "parent": self.parent,
+            "version": None if self.manifest is None else self.manifest.version,
+            "seconds": round(self.seconds, 2),
+            "train_seconds": round(self.train_seconds, 2),
+        }
+
+
+def score(rec: Any, examples: Sequence[FeedbackExample], exclude_seen: bool) -> dict[str, float]:
+    """HR/NDCG@5/10, MRR, coverage of `rec` (as served: its task, its blend) on `examples`."""
+    requests = [RecRequest(e.history, excluded(e.history, exclude_seen)) for e in examples]
+    lists = rec.recommend(requests, k=10)
+    ranked = {e.event_id: [s.item_id for s in lst] for e, lst in zip(examples, lists, strict=True)}
+    return holdout_metrics(ranked, examples, max(1, len(rec.catalog)))
+
+
+def run_increment(
+    settings: Settings,
+    catalog: Catalog,
+    examples: Sequence[FeedbackExample],
+    since: datetime | None,
+    registry: AdapterRegistry,
+    *,
+    seed: int = 0,
+    target_transform: Callable[[list[FeedbackExample]], list[FeedbackExample]] | None = None,
+) -> Increment:
+    """Train, gate and (when it passes) register and promote one adapter. `target_transform` lets a
+    drill corrupt the training examples (a deliberately bad adapter must be refused)."""
+    from streamrec.generation import load_recommender
+    from streamrec.model import Trainer, seed_everything
+
+    started = time.monotonic()
+    cfg = settings.online
+    rng = random.Random(seed)
+    seed_everything(seed)
+    split = split_fresh_replay(examples, since, cfg.replay_share, rng, holdout=cfg.holdout)
+    fresh_n = sum(1 for e in split.train if since is None or e.ts > since)
+    train = split.train[-cfg.max_train_examples :]
+    if target_transform is not None:
+        train = target_transform(list(train))
+    through = max((e.ts for e in split.train), default=since)
+
+    # The base model plus the adapter in service, trainable: the increment continues from it.
+    rec = load_recommender(settings, catalog)
+    current = registry.current()
+    if current is not None and registry.verify(current):
+        rec.continue_adapter(str(registry.path(current.version)), current.version)
+    elif current is not None:
+        raise ModelError(f"adapter in service {current.version} fails its sha256 check; roll back first")
+    else:
+        rec.add_lora(
+            settings.train.lora_r, settings.train.lora_alpha, settings.train.lora_dropout, train_items=cfg.train_items
+        )
+    parent = current.version if current is not None else None
+    exclude_seen = settings.serve.exclude_seen
+    rec.model.eval()
+    before = score(rec, split.holdout, exclude_seen)
+
+    # Training pairs: the same templates as the bootstrap, sampled per example; targets the model
+    # cannot name (unavailable or unknown items) are skipped.
+    nameable = set(rec.trie_items)
+    pairs = [
+        (rec.instructions.sample(e.history, task_for(e.target_item), rec.names, rec.texts, rng), e.target)
+        for e in train
+        if e.target in nameable
+    ]
+    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
+    trainer = Trainer(
+        rec,
+        lr=cfg.lr,
+        weight_decay=settings.train.weight_decay,
+        warmup_steps=max(1, steps_per_epoch // 10),
+        total_steps=max(1, steps_per_epoch * cfg.epochs),
+    )
+    losses: list[float] = []
+    train_started = time.monotonic()
+    for _ in range(cfg.epochs if pairs else 0):
+        rng.shuffle(pairs)
+        inputs = rec.tokenize_inputs([p[0] for p in pairs])
+        labels = rec.target_ids([p[1] for p in pairs])
+        trainer.train_mode(True)
+        for b in range(0, len(pairs), cfg.batch_size):
+            losses.append(trainer.step(inputs[b : b + cfg.batch_size], labels[b : b + cfg.batch_size]))
+    trainer.train_mode(False)
+    train_seconds = time.monotonic() - train_started
+    after = score(rec, split.holdout, exclude_seen)
+
+    decision = decide(after, before, cfg.gate_tolerance, cfg.gate_min_examples, len(split.holdout))
+    result = Increment(
+        decision=decision,
+        fresh=fresh_n,
+        replay=len(train) - min(fresh_n, len(train)),
+        holdout=len(split.holdout),
+        through=through,
+        parent=parent,
+        train_seconds=train_seconds,
+        losses=losses,
+    )
+    if decision.accepted:
+        with tempfile.TemporaryDirectory(prefix="streamrec-adapter-") as tmp:
+            rec.save_adapter(tmp)
+            manifest = registry.register(tmp, parent=parent, metrics=after, base=rec.base)
+        result.manifest = registry.promote(manifest.version)
+    result.seconds = time.monotonic() - started
+    return result
