@@ -5,6 +5,7 @@ service runs a command the CLI accepts, every STREAMREC_* variable is a setting,
 from __future__ import annotations
 
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
@@ -19,6 +20,8 @@ from deploy_helpers import (
 )
 from packaging.requirements import Requirement
 
+from streamrec.settings import registry_root
+
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 STREAMREC = sorted(n for n, s in SERVICES.items() if s.get("build", {}).get("dockerfile") == "deploy/Dockerfile")
@@ -32,8 +35,8 @@ def env_of(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_streamrec_services_found() -> None:
-    assert {"topics", "ingest", "infer", "infer-gpu", "simulator"} <= set(STREAMREC)
-    assert {"ingest", "infer", "infer-gpu"} <= set(WORKERS)
+    assert {"topics", "ingest", "infer", "infer-gpu", "trainer", "simulator"} <= set(STREAMREC)
+    assert {"ingest", "infer", "infer-gpu", "trainer"} <= set(WORKERS)
 
 
 @pytest.mark.parametrize("name", STREAMREC)
@@ -91,7 +94,7 @@ def test_workers_wait_for_topics_and_report_health(name: str) -> None:
 
 def test_profiles() -> None:
     profiles = {name: tuple(s.get("profiles", ())) for name, s in SERVICES.items()}
-    for name in ("kafka", "topics", "ingest", "infer"):
+    for name in ("kafka", "topics", "ingest", "infer", "trainer"):
         assert profiles[name] == (), f"{name} runs by default"
     assert profiles["infer-gpu"] == ("gpu",)
     assert profiles["simulator"] == ("demo",)
@@ -121,6 +124,43 @@ def test_volumes_are_declared_and_bind_mounts_exist() -> None:
                 assert source in declared, f"{name}: volume {source} is not declared"
     assert "ingest-state:/data" in SERVICES["ingest"]["volumes"]
     assert "models:/models" in SERVICES["infer"]["volumes"]
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Mount path -> volume name (or bind source)."""
+    return {str(v).split(":")[1]: str(v).split(":")[0] for v in service.get("volumes", [])}
+
+
+def volume_at(service: dict[str, Any], path: PurePosixPath) -> tuple[str, PurePosixPath]:
+    """The volume holding `path` in the container (the deepest mount above it) and the path inside it."""
+    candidates = [(PurePosixPath(m), v) for m, v in mounts(service).items() if path.is_relative_to(m)]
+    assert candidates, f"{path} is on no volume: it would be lost with the container"
+    mount, volume = max(candidates, key=lambda c: len(c[0].parts))
+    return volume, path.relative_to(mount)
+
+
+def test_trainer_runs_the_train_worker_once_with_its_own_state() -> None:
+    trainer = SERVICES["trainer"]
+    assert parse_command(trainer["command"]).info_name == "train"
+    # One replica: the feedback examples live in its local store, and only the leader trains.
+    assert trainer.get("deploy", {}).get("replicas", 1) == 1
+    settings = settings_from_env(env_of(trainer))
+    state, _ = volume_at(trainer, PurePosixPath(settings.data_dir.as_posix()))
+    assert state == "trainer-state"
+    others = [n for n in STREAMREC if n != "trainer"]
+    assert all(f"{state}:" not in " ".join(map(str, SERVICES[n].get("volumes", []))) for n in others)
+
+
+@pytest.mark.parametrize("name", ["infer", "infer-gpu"])
+def test_inference_reads_the_trainers_registry_at_the_same_path(name: str) -> None:
+    trainer, infer = settings_from_env(env_of(SERVICES["trainer"])), settings_from_env(env_of(SERVICES[name]))
+    # Announcements carry the trainer's absolute path; the inference container must see the same bytes there.
+    registry = PurePosixPath(registry_root(trainer).as_posix())
+    assert registry_root(infer).as_posix() == str(registry)
+    assert volume_at(SERVICES[name], registry) == volume_at(SERVICES["trainer"], registry)
+    assert volume_at(SERVICES["trainer"], registry)[0] in COMPOSE["volumes"]
+    # An adapter only fits the base model it was trained on.
+    assert infer.model.base == trainer.model.base
 
 
 def test_dependencies_exist() -> None:
