@@ -3,7 +3,7 @@ Kubernetes schemas (kubernetes-validate, offline, strict) and agree with the set
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import kubernetes_validate
@@ -16,6 +16,8 @@ from deploy_helpers import (
     settings_from_env,
     unknown_settings,
 )
+
+from streamrec.settings import registry_root
 
 K8S = DEPLOY / "k8s"
 KUSTOMIZATIONS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
@@ -135,7 +137,7 @@ def test_selectors_match_pods() -> None:
             assert any(selector.items() <= p.items() for p in pods.values()), resource["metadata"]["name"]
     pdbs = [r for r in resources if r["kind"] == "PodDisruptionBudget"]
     budgets = {tuple(r["spec"]["selector"]["matchLabels"].items()) for r in pdbs}
-    assert len(budgets) == 2, "one PodDisruptionBudget for ingest, one for inference"
+    assert len(budgets) == 3, "one PodDisruptionBudget for ingest, one for inference, one for the trainer"
 
 
 def test_pods_run_as_non_root() -> None:
@@ -153,6 +155,54 @@ def infer_container(resources: list[dict[str, Any]]) -> dict[str, Any]:
     return containers[0]
 
 
+def trainer(resources: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    sts = find(resources, "StatefulSet", "streamrec-trainer")
+    containers: list[dict[str, Any]] = sts["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["trainer"]
+    return sts, containers[0]
+
+
+def claim_at(pod: dict[str, Any], container: dict[str, Any], path: PurePosixPath) -> tuple[str, bool, PurePosixPath]:
+    """(claim name, read-only, path inside the claim) of the volume holding `path` in the container."""
+    mounts = [m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+    assert mounts, f"{path} is on no volume mount of {container['name']}"
+    mount = max(mounts, key=lambda m: len(PurePosixPath(m["mountPath"]).parts))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    return claim, bool(mount.get("readOnly")), path.relative_to(mount["mountPath"])
+
+
+def test_trainer_is_one_pod_with_its_own_state_volume() -> None:
+    resources = RENDERED["base"]
+    sts, container = trainer(resources)
+    assert parse_command(container["args"]).info_name == "train"
+    # Exactly one: the examples live in its local store and only the group leader trains.
+    assert sts["spec"]["replicas"] == 1
+    settings = settings_from_env(container_env(resources, container))
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert any(mounts.get(c) == str(settings.data_dir) for c in claims), "the feedback store must live on the claim"
+    assert find(resources, "Service", sts["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+
+
+def test_inference_reads_the_trainers_registry_at_the_same_path() -> None:
+    resources = RENDERED["base"]
+    sts, container = trainer(resources)
+    settings = settings_from_env(container_env(resources, container))
+    registry = PurePosixPath(registry_root(settings).as_posix())
+    claim, read_only, inside = claim_at(sts["spec"]["template"]["spec"], container, registry)
+    assert not read_only, "the trainer writes the registry"
+    infer = find(resources, "Deployment", "streamrec-infer")
+    infer_settings = settings_from_env(container_env(resources, infer_container(resources)))
+    # Announcements carry the trainer's absolute path: the same path must hold the same bytes.
+    assert PurePosixPath(registry_root(infer_settings).as_posix()) == registry
+    infer_claim, _, infer_inside = claim_at(infer["spec"]["template"]["spec"], infer_container(resources), registry)
+    assert (infer_claim, infer_inside) == (claim, inside)
+    # Pods on several nodes share it only on ReadWriteMany storage.
+    assert find(resources, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert infer_settings.model.base == settings.model.base, "an adapter only fits the base it was trained on"
+
+
 def test_overlays() -> None:
     cpu, gpu = RENDERED["cpu"], RENDERED["gpu"]
     cpu_infer, gpu_infer = infer_container(cpu), infer_container(gpu)
@@ -166,6 +216,16 @@ def test_overlays() -> None:
     assert gpu_infer["envFrom"] == infer_container(RENDERED["base"])["envFrom"]
     # Ingest does not change with the inference hardware.
     assert ingest(cpu) == ingest(gpu) == ingest(RENDERED["base"])
+    # The trainer follows the overlay's hardware; its command, settings source and volumes stay.
+    (_, cpu_trainer), (_, gpu_trainer), (_, base_trainer) = trainer(cpu), trainer(gpu), trainer(RENDERED["base"])
+    assert settings_from_env(container_env(cpu, cpu_trainer)).model.device == "cpu"
+    assert "nvidia.com/gpu" not in cpu_trainer["resources"].get("limits", {})
+    assert settings_from_env(container_env(gpu, gpu_trainer)).model.device == "cuda"
+    assert gpu_trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert gpu_trainer["image"].endswith("-cuda")
+    for patched in (cpu_trainer, gpu_trainer):
+        for key in ("args", "envFrom", "volumeMounts"):
+            assert patched[key] == base_trainer[key]
 
 
 def test_image_name_matches_the_kustomize_images_entry() -> None:
