@@ -4,6 +4,8 @@ settings model, `streamrec` command lines against the real CLI, and a small kust
 
 from __future__ import annotations
 
+import ast
+import functools
 import os
 import re
 from pathlib import Path
@@ -161,6 +163,26 @@ def metric_samples() -> dict[str, set[str]]:
     return out
 
 
+@functools.cache  # parses every module: once per test session
+def info_keys() -> dict[str, frozenset[str]]:
+    """Keys each Info metric is given where streamrec/ or agents/ set it (`MODEL_INFO.info({...})`):
+    an Info declares no label names, the keys of the dict it is set to become its labels."""
+    from prometheus_client import Info
+
+    import streamrec.metrics as metrics
+
+    infos = {name: value for name, value in vars(metrics).items() if isinstance(value, Info)}
+    out: dict[str, set[str]] = {name: set() for name in infos}
+    for path in sorted([*(REPO / "streamrec").rglob("*.py"), *(REPO / "agents").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "info"):
+                continue
+            target = node.func.value
+            if isinstance(target, ast.Name) and target.id in infos and node.args and isinstance(node.args[0], ast.Dict):
+                out[target.id] |= {k.value for k in node.args[0].keys if isinstance(k, ast.Constant)}
+    return {next(iter(infos[name].describe())).name: frozenset(keys) for name, keys in out.items()}
+
+
 def metric_labels() -> dict[str, set[str]]:
     """Label names of each exported sample name."""
     from prometheus_client.metrics import MetricWrapperBase
@@ -168,11 +190,12 @@ def metric_labels() -> dict[str, set[str]]:
     import streamrec.metrics as metrics
 
     samples = metric_samples()
+    keys = info_keys()
     out: dict[str, set[str]] = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
             family = next(iter(value.describe()))
-            labels = set(value._labelnames)
+            labels = set(value._labelnames) | keys.get(family.name, frozenset())
             for sample in samples[family.name]:
                 out[sample] = labels | ({"le"} if sample.endswith("_bucket") else set())
     return out

@@ -40,7 +40,9 @@ def expressions() -> list[str]:
 
 def test_dashboard_has_queries() -> None:
     titles = " ".join(p["title"].lower() for p in dashboard()["panels"])
-    for topic in ("events consumed", "recommendations", "freshness", "lag", "model in service"):
+    topics = ("events consumed", "recommendations", "freshness", "lag", "model in service")
+    online = ("gate decisions", "adapter promoted", "feedback examples", "increment duration", "event loop lag")
+    for topic in topics + online:
         assert topic in titles
     assert len(expressions()) >= 10
 
@@ -130,3 +132,7 @@ def test_every_metric_family_is_known() -> None:
     assert "streamrec_freshness_seconds_bucket" in samples["streamrec_freshness_seconds"]
     assert "streamrec_events_consumed_total" in samples["streamrec_events_consumed"]
     assert samples["streamrec_model"] == {"streamrec_model_info"}
+    # An Info's labels are the keys the code sets it with.
+    labels = metric_labels()
+    assert labels["streamrec_model_info"] == {"base", "adapter"}
+    assert labels["streamrec_adapter_promoted_info"] == {"version", "parent"}
