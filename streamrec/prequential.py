@@ -13,9 +13,10 @@ from streamrec.datasets import LogEvent
 
 PROTOCOL = (
     "prequential: the log in time order; the first part bootstraps the model, the rest is replayed as "
-    "events through the broker and the workers, one event in flight per user; each replayed event is "
-    "scored against the recommendation in force for its user when it was sent (the one triggered by "
-    "the user's previous event); events of users with no recommendation yet are counted, not scored"
+    "events through the broker and the workers, one step in flight per user (a step: the user's "
+    "events at the same instant); each replayed event is scored against the recommendation in force "
+    "for its user when it was sent (the one triggered by the user's previous step); events of users "
+    "with no recommendation yet are counted, not scored"
 )
 K = 10
 
@@ -42,6 +43,24 @@ def plan(events: Sequence[LogEvent], bootstrap_share: float, windows: int) -> Pl
     rest = ordered[cut:]
     bounds = [round(len(rest) * w / windows) for w in range(windows + 1)]
     return Plan(ordered[:cut], [rest[bounds[w] : bounds[w + 1]] for w in range(windows)])
+
+
+def user_steps(window: Sequence[LogEvent]) -> dict[str, list[list[int]]]:
+    """Per user, the window's events (as positions in `window`) in steps: a step is a run of the
+    user's consecutive events with the same time and type. Events at the same instant cannot have
+    seen each other's recommendations, so a step is sent at once and all of it is scored against
+    the list in force before it; one type per step keeps it on one topic, so its last event is
+    certainly the trigger of the user's next recommendation."""
+    steps: dict[str, list[list[int]]] = {}
+    for n, e in enumerate(window):
+        user = steps.setdefault(e.user_id, [])
+        if user:
+            prev = window[user[-1][-1]]
+            if prev.ts == e.ts and prev.type == e.type:
+                user[-1].append(n)
+                continue
+        user.append([n])
+    return steps
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ force when it was sent."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from collections import deque
@@ -19,7 +20,7 @@ from typing import Any
 from streamrec.catalog import Catalog
 from streamrec.datasets import Dataset, LogEvent
 from streamrec.events import Event, EventType, Recommendation
-from streamrec.prequential import PROTOCOL, Outcome, Plan, plan, report
+from streamrec.prequential import PROTOCOL, Outcome, Plan, plan, report, user_steps
 from streamrec.settings import Settings, TopicSettings, client_config
 
 Log = Callable[[str], None]
@@ -122,7 +123,13 @@ def mode_settings(base: Settings, mode: str, model_dir: Path, since: datetime, o
 
 
 def run_mode(
-    mode: str, the_plan: Plan, catalog: Catalog, model_dir: Path, online: dict[str, Any], log: Log
+    mode: str,
+    the_plan: Plan,
+    catalog: Catalog,
+    model_dir: Path,
+    online: dict[str, Any],
+    log: Log,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     """Replay the whole log through a fresh stack; the online mode adds the train worker."""
     from kafka import TopicPartition
@@ -185,47 +192,51 @@ def run_mode(
             index = 0
             bar = tqdm(total=len(the_plan.replayed), desc=f"{mode}: replay", unit="event", leave=False)
             for w, window in enumerate(the_plan.windows):
-                queues: dict[str, deque[tuple[int, Event]]] = {}
-                for e in window:
-                    queues.setdefault(e.user_id, deque()).append((index, to_event(e, offset + index)))
-                    index += 1
-                in_flight: dict[str, tuple[str, float]] = {}
+                events = [to_event(e, offset + index + n) for n, e in enumerate(window)]
+                queues = {u: deque(steps) for u, steps in user_steps(window).items()}
+                index += len(window)
+                in_flight: dict[str, tuple[str, int, float]] = {}  # user -> (last event id, size, sent at)
                 while queues or in_flight:
                     for user in [u for u in queues if u not in in_flight]:
-                        i, event = queues[user].popleft()
+                        step = queues[user].popleft()
                         if not queues[user]:
                             del queues[user]
                         rec = watcher.latest.get(user)
-                        outcomes.append(
-                            Outcome(
-                                index=i,
-                                window=w,
-                                target=event.item_id,
-                                recommended=None if rec is None else tuple(x.item_id for x in rec.items),
-                                adapter=None if rec is None else rec.model.adapter,
+                        listed = None if rec is None else tuple(x.item_id for x in rec.items)
+                        for n in step:
+                            outcomes.append(
+                                Outcome(
+                                    index=index - len(window) + n,
+                                    window=w,
+                                    target=events[n].item_id,
+                                    recommended=listed,
+                                    adapter=None if rec is None else rec.model.adapter,
+                                )
                             )
-                        )
-                        send(event)
-                        in_flight[user] = (event.event_id, time.monotonic())
+                            send(events[n])
+                        in_flight[user] = (events[step[-1]].event_id, len(step), time.monotonic())
                     prod.flush()
                     watcher.poll(20)
                     now = time.monotonic()
-                    for user, (eid, sent_at) in list(in_flight.items()):
-                        if eid in watcher.answered:
+                    for user, (eid, size, sent_at) in list(in_flight.items()):
+                        if eid in watcher.answered or now - sent_at > IN_FLIGHT_TIMEOUT_S:
+                            missing += eid not in watcher.answered
                             del in_flight[user]
-                            bar.update(1)
-                        elif now - sent_at > IN_FLIGHT_TIMEOUT_S:
-                            missing += 1
-                            del in_flight[user]
-                            bar.update(1)
-                    if not in_flight:
-                        continue
-                    check_alive()
+                            bar.update(size)
+                    if in_flight:
+                        check_alive()
             bar.close()
             prod.close()
             watcher.close()
             replay_seconds = time.monotonic() - warmed
         increments = _increments(settings)
+        if keep is not None:
+            # The stack's data dir may be temporary: keep the workers' logs and the trainer's record.
+            shutil.copytree(settings.data_dir / "logs", keep, dirs_exist_ok=True)
+            from agents.feedback import increments_path
+
+            if increments_path(settings).is_file():
+                shutil.copy(increments_path(settings), keep)
     result = report(outcomes, len(the_plan.windows))
     result |= {
         "seconds": round(time.monotonic() - started, 1),
@@ -289,7 +300,8 @@ def run(
     report_["online_settings"] = online_cfg
     for mode in modes:
         log(f"--- {mode} run")
-        report_[mode] = run_mode(mode, the_plan, dataset.catalog, model, online_cfg, log)
+        keep = out.with_name(f"{out.stem}-{mode}-logs")
+        report_[mode] = run_mode(mode, the_plan, dataset.catalog, model, online_cfg, log, keep=keep)
         log(f"{mode}: all {report_[mode]['all']}, second half {report_[mode]['second_half']}")
     if "online" in report_:
         incs = report_["online"].get("increments", [])
