@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import EventT
 
 from agents.infer import TopicMirror, read_catalog
 from agents.internals import bind_event
@@ -85,9 +86,12 @@ def register(app: faust.App, settings: Settings) -> None:
     app.on_partitions_revoked.connect(forget, weak=False)
     app.on_partitions_assigned.connect(forget, weak=False)
 
-    def load(key: bytes) -> FeedbackUser:
+    def load(key: bytes, raw: EventT[bytes]) -> FeedbackUser:
         user = cache.get(key)
         if user is None:
+            # faust reads a table from the current event's partition, which in a batch is the last
+            # event's: without binding the key's own event first, the read can miss the user.
+            bind_event(raw)
             stored = users.get(key)
             user = FeedbackUser.from_bytes(stored) if stored else FeedbackUser()
         return user
@@ -111,14 +115,14 @@ def register(app: faust.App, settings: Settings) -> None:
                     if message.topic == topics.recommendations:
                         rec = parse(Recommendation, message.value)
                         key = rec.user_id.encode()
-                        before = changed[key][1] if key in changed else load(key)
+                        before = changed[key][1] if key in changed else load(key, raw)
                         user = before.on_recommendation(rec, keep=cfg.keep_recs)
                         made: list[FeedbackExample] = []
                     else:
                         event = parse(Event, message.value)
                         if key != event.user_id.encode():
                             raise InvalidMessage("message key is not the event's user_id")
-                        before = changed[key][1] if key in changed else load(key)
+                        before = changed[key][1] if key in changed else load(key, raw)
                         user, made = before.on_event(
                             event,
                             max_events=hist.max_events,
@@ -148,6 +152,14 @@ def register(app: faust.App, settings: Settings) -> None:
 
 
 def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, adapters_topic: faust.TopicT) -> None:
+    # The training stack is imported here, before the event loop runs: importing torch,
+    # transformers and peft holds the GIL for long stretches (most of a second on a busy machine),
+    # which in the training thread would stall the loop, its heartbeats and /healthz.
+    import peft  # noqa: F401
+
+    import streamrec.model  # noqa: F401
+    from streamrec.online import run_increment
+
     cfg = settings.online
     catalog = TopicMirror(settings.kafka, settings.topics.catalog)
     app.add_future(catalog.run())
@@ -158,8 +170,6 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
     state: dict[str, Any] = {"running": False, "lag": [], "seq": 0}
 
     def increment(since: datetime | None) -> Any:
-        from streamrec.online import run_increment
-
         examples = list(store.examples())
         state["seq"] += 1
         return run_increment(settings, read_catalog(catalog.values), examples, since, registry, seed=state["seq"])

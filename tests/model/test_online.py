@@ -1,0 +1,166 @@
+"""Online increments with the tiny T5 on the CPU: feedback that follows the pattern the base model
+knows is promoted, and the next increment continues it; an adapter trained on shuffled targets is
+refused by the gate and leaves the adapter in service alone."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from streamrec.catalog import Catalog
+from streamrec.datasets import LogEvent
+from streamrec.evaluation import leave_one_out
+from streamrec.events import CatalogItem
+from streamrec.feedback import FeedbackExample, split_fresh_replay
+from streamrec.instructions import HistoryItem
+from streamrec.registry import AdapterRegistry
+from streamrec.settings import Settings, TrainSettings, registry_root
+
+pytestmark = pytest.mark.model
+pytest.importorskip("torch")
+
+from streamrec.online import Increment, run_increment, score  # noqa: E402
+
+ITEMS = 30
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+CATALOG = Catalog(CatalogItem(item_id=f"i{k}", title=f"thing {k}", category="stuff") for k in range(ITEMS))
+BOOTSTRAP = TrainSettings(
+    epochs=4,
+    batch_size=16,
+    lr=3e-3,
+    d_model=32,
+    d_ff=64,
+    num_layers=1,
+    num_heads=4,
+    text_vocab=300,
+    warmup=0.1,
+    dropout=0.0,
+    cold_start_share=0.0,
+    eval_users=60,
+)
+
+
+def walk(start: int, length: int) -> list[str]:
+    """The pattern: after item k comes item k+1 (around the catalog)."""
+    return [f"i{(start + t) % ITEMS}" for t in range(length)]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained on the pattern, saved like a hub checkpoint (about 20 s on 2 cores)."""
+    from streamrec.training import train
+
+    rng = random.Random(0)
+    events: list[LogEvent] = []
+    for u in range(100):
+        for t, item in enumerate(walk(rng.randrange(ITEMS), 8)):
+            events.append(LogEvent(f"u{u}", item, float(t), "click", len(events)))
+    out = tmp_path_factory.mktemp("online") / "base"
+    _, report = train(leave_one_out(events), CATALOG, out, BOOTSTRAP, device="cpu", progress=False, log=lambda _: None)
+    assert report.best_val_ndcg10 > 0.7, report.history
+    return out
+
+
+def feedback(n: int, start_s: float, seed: int, prefix: str) -> list[FeedbackExample]:
+    """`n` examples one second apart from `start_s`: a short walk, then the item that follows it."""
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        seq = walk(rng.randrange(ITEMS), rng.randint(3, 7))
+        out.append(
+            FeedbackExample(
+                event_id=f"{prefix}{k}",
+                user_id=f"user{k % 17}",
+                history=tuple(HistoryItem(i, "click") for i in seq[:-1]),
+                target=seq[-1],
+                target_type="click",
+                ts=T0 + timedelta(seconds=start_s + k),
+            )
+        )
+    return out
+
+
+def make_settings(tmp_path: Path, base: Path, **online: Any) -> Settings:
+    small = {"holdout": 40, "gate_min_examples": 30, "batch_size": 16, "epochs": 2, "lr": 1e-3} | online
+    return Settings(data_dir=tmp_path, model={"base": str(base), "device": "cpu"}, online=small)
+
+
+def shuffled_targets(examples: list[FeedbackExample]) -> list[FeedbackExample]:
+    targets = [e.target for e in examples]
+    random.Random(1).shuffle(targets)
+    return [e.model_copy(update={"target": t}) for e, t in zip(examples, targets, strict=True)]
+
+
+def check_promoted(result: Increment, registry: AdapterRegistry, parent: str | None) -> str:
+    assert result.decision.accepted, result.decision.reason
+    assert result.manifest is not None and result.parent == parent
+    version = result.manifest.version
+    assert registry.current_version() == version
+    manifest = registry.get(version)
+    assert manifest.parent == parent and registry.verify(manifest)
+    assert manifest.metrics == result.decision.candidate and manifest.base == "tiny"
+    assert json.loads(json.dumps(result.as_dict()))["version"] == version
+    return version
+
+
+def test_increments_on_the_pattern_are_promoted_and_the_next_one_continues_the_first(
+    tmp_path: Path, base: Path
+) -> None:
+    settings = make_settings(tmp_path, base)
+    registry = AdapterRegistry(registry_root(settings))
+    first = feedback(150, 0, seed=1, prefix="a")
+
+    one = run_increment(settings, CATALOG, first, None, registry)
+    v1 = check_promoted(one, registry, parent=None)
+    assert (one.fresh, one.replay, one.holdout) == (110, 0, 40)
+    assert one.through == first[109].ts  # the newest example trained on; the hold-out comes after
+    assert one.decision.candidate["HR@10"] >= 0.8, one.decision.reason
+    assert one.losses and all(loss == loss for loss in one.losses)
+
+    # The next increment: the last hold-out plus new feedback are fresh, older examples replayed.
+    both = first + feedback(150, 10_000, seed=2, prefix="b")
+    two = run_increment(settings, CATALOG, both, one.through, registry, seed=1)
+    v2 = check_promoted(two, registry, parent=v1)
+    assert v2 != v1 and [m.version for m in registry.versions()] == [v1, v2]
+    assert (two.fresh, two.replay, two.holdout) == (150, 110, 40)
+    holdout = split_fresh_replay(both, None, 0.5, 0, holdout=40).holdout
+    served = score(served_model(base, registry, v1), holdout, exclude_seen=False)
+    assert two.decision.current == pytest.approx(served), "the gate must compare with the adapter in service"
+    assert [h["version"] for h in registry.history()] == [v1, v2]
+
+
+def served_model(base: Path, registry: AdapterRegistry, version: str) -> Any:
+    """The base model with a registered adapter, loaded the way an inference worker loads it."""
+    from streamrec.model import Recommender
+
+    rec = Recommender.load(str(base), "cpu", catalog=CATALOG)
+    rec.load_adapter(str(registry.path(version)), version=version)
+    return rec
+
+
+def test_an_adapter_trained_on_shuffled_targets_is_refused_and_nothing_changes(tmp_path: Path, base: Path) -> None:
+    settings = make_settings(tmp_path, base)
+    registry = AdapterRegistry(registry_root(settings))
+    examples = feedback(120, 0, seed=3, prefix="a")
+    v1 = check_promoted(run_increment(settings, CATALOG, examples, None, registry), registry, parent=None)
+    before = sorted(p.name for p in registry.root.iterdir())
+    history = registry.history()
+
+    examples += feedback(200, 10_000, seed=4, prefix="b")
+    hard = make_settings(tmp_path, base, lr=1e-2, epochs=3, max_train_examples=120)
+    bad = run_increment(hard, CATALOG, examples, None, registry, seed=5, target_transform=shuffled_targets)
+
+    assert not bad.decision.accepted and bad.manifest is None
+    assert "worse than the adapter in service" in bad.decision.reason
+    assert bad.parent == v1 and bad.holdout == 40
+    assert bad.decision.candidate["HR@10"] < bad.decision.current["HR@10"] - 0.1, bad.decision.reason
+    # Nothing registered, nothing promoted, no temporary left behind.
+    assert registry.current_version() == v1
+    assert [m.version for m in registry.versions()] == [v1]
+    assert sorted(p.name for p in registry.root.iterdir()) == before
+    assert registry.history() == history
