@@ -142,7 +142,8 @@ def register(app: faust.App, settings: Settings) -> None:
                 store.put_many(examples)
                 FEEDBACK_STORE.set(len(store))
                 for example in examples:
-                    FEEDBACK_EXAMPLES.labels(outcome="taken" if example.taken else "ignored").inc()
+                    outcome = "taken" if example.taken else "ignored" if example.recommended else "none"
+                    FEEDBACK_EXAMPLES.labels(outcome=outcome).inc()
             for key, (raw, user) in changed.items():
                 bind_event(raw)
                 users[key] = user.to_bytes()  # faust persists only on assignment
@@ -167,17 +168,30 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
     cursor = Cursor(settings)
     # One training thread: an increment never runs twice at once and never on the event loop.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
-    state: dict[str, Any] = {"running": False, "lag": [], "seq": 0}
+    state: dict[str, Any] = {"running": False, "lag": [], "seq": 0, "announced": False}
 
     def increment(since: datetime | None) -> Any:
         examples = list(store.examples())
         state["seq"] += 1
         return run_increment(settings, read_catalog(catalog.values), examples, since, registry, seed=state["seq"])
 
+    async def announce_current() -> None:
+        """Announce the registry's CURRENT once at start: a crash between a promotion and its
+        announcement must not leave the inference workers on the previous adapter. Workers ignore
+        an announcement of the version they already serve."""
+        state["announced"] = True
+        manifest = registry.current()
+        if manifest is not None and registry.verify(manifest):
+            announcement = registry.announcement(manifest)
+            await adapters_topic.send(key=ADAPTER_KEY, value=announcement.model_dump_json().encode())
+            log.info("trainer: announced the adapter in service, %s", manifest.version)
+
     @app.timer(interval=cfg.interval_s, on_leader=True)  # type: ignore[untyped-decorator]
     async def trainer() -> None:
         if state["running"]:
             return
+        if not state["announced"]:
+            await announce_current()
         since = cursor.get()
         loop = asyncio.get_running_loop()
         fresh = await loop.run_in_executor(None, store.count_since, since)

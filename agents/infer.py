@@ -106,6 +106,10 @@ def read_trending(table: Mapping[bytes, bytes]) -> dict[str, float]:
 
 
 def register(app: faust.App, settings: Settings) -> None:
+    # Imported now, before the event loop runs: a first import of torch and transformers inside the
+    # generation thread holds the GIL long enough to stall the loop, its heartbeats and /healthz.
+    import streamrec.model  # noqa: F401
+
     topics, serve = settings.topics, settings.serve
     updates = app.topic(topics.history_updates, key_type=bytes, value_type=bytes)
     recommendations = app.topic(topics.recommendations, key_type=bytes, value_type=bytes)

@@ -38,7 +38,8 @@ ADAPTER_REJECTED = Counter(
 
 FEEDBACK_EXAMPLES = Counter(
     "streamrec_feedback_examples_total",
-    "Training examples the feedback agent stored, by whether the user took a recommended item.",
+    "Training examples stored, by outcome: taken (the user chose a recommended item), ignored (a list "
+    "was in force, the user chose another item), none (no list was in force).",
     ["outcome"],
 )
 FEEDBACK_STORE = Gauge("streamrec_feedback_store_examples", "Examples in the feedback store.")

@@ -136,6 +136,8 @@ def run_increment(
     after = score(rec, split.holdout, exclude_seen)
 
     decision = decide(after, before, cfg.gate_tolerance, cfg.gate_min_examples, len(split.holdout))
+    if not pairs:
+        decision = GateDecision(False, "nothing to train on: no example names an item the model knows", after, before)
     result = Increment(
         decision=decision,
         fresh=fresh_n,
