@@ -158,8 +158,10 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
     # which in the training thread would stall the loop, its heartbeats and /healthz.
     import peft  # noqa: F401
 
-    import streamrec.model  # noqa: F401
+    from streamrec.model import set_threads
     from streamrec.online import run_increment
+
+    set_threads(settings.model.threads)
 
     cfg = settings.online
     catalog = TopicMirror(settings.kafka, settings.topics.catalog)
@@ -200,6 +202,7 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
             return
         state["running"] = True
         started = time.monotonic()
+        log.info("trainer: increment starts on %d new examples (since %s)", fresh, since)
         try:
             result = await loop.run_in_executor(executor, increment, since)
         except Exception:

@@ -108,8 +108,9 @@ def read_trending(table: Mapping[bytes, bytes]) -> dict[str, float]:
 def register(app: faust.App, settings: Settings) -> None:
     # Imported now, before the event loop runs: a first import of torch and transformers inside the
     # generation thread holds the GIL long enough to stall the loop, its heartbeats and /healthz.
-    import streamrec.model  # noqa: F401
+    from streamrec.model import set_threads
 
+    set_threads(settings.model.threads)
     topics, serve = settings.topics, settings.serve
     updates = app.topic(topics.history_updates, key_type=bytes, value_type=bytes)
     recommendations = app.topic(topics.recommendations, key_type=bytes, value_type=bytes)
@@ -121,7 +122,9 @@ def register(app: faust.App, settings: Settings) -> None:
     adapters = TopicMirror(settings.kafka, topics.adapters)
     for mirror in (catalog, trending, adapters):
         app.add_future(mirror.run())
-    considered: set[bytes] = set()  # adapter announcements already tried (served or refused)
+    # The announcement handled last (served or refused). Only the last one: a rollback announces an
+    # older version again, byte for byte, and must still be acted on.
+    considered: dict[str, bytes | None] = {"last": None}
     generator = Generator(settings)
     # One thread: generation is serialised and never blocks the event loop, so heartbeats and
     # commits go on while a slow batch runs.
@@ -146,9 +149,9 @@ def register(app: faust.App, settings: Settings) -> None:
         """Swap in the newest announced adapter, in the generation thread between two batches; a
         refused one is logged and counted and the adapter in service stays."""
         raw = adapters.values.get(ADAPTER_KEY)
-        if raw is None or raw in considered:
+        if raw is None or raw == considered["last"]:
             return
-        considered.add(raw)
+        considered["last"] = raw
         try:
             announcement = parse(AdapterAnnouncement, raw)
             if announcement.version == (generator.recommender.version.adapter if generator.recommender else None):

@@ -538,6 +538,12 @@ class Recommender:
         self.model.load_state_dict(state)
 
 
+def set_threads(n: int) -> None:
+    """torch's CPU threads for this process (0: leave torch's default)."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
 def seed_everything(seed: int) -> None:
     import random
 

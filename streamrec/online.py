@@ -64,6 +64,21 @@ def score(rec: Any, examples: Sequence[FeedbackExample], exclude_seen: bool) -> 
     return holdout_metrics(ranked, examples, max(1, len(rec.catalog)))
 
 
+def cap(
+    train: Sequence[FeedbackExample], since: datetime | None, most: int, replay_share: float, rng: random.Random
+) -> list[FeedbackExample]:
+    """At most `most` training examples with the replay share kept: the newest fresh ones, and a
+    sample of the replayed (older) ones in proportion. Time order."""
+    if len(train) <= most:
+        return list(train)
+    fresh = [e for e in train if since is None or e.ts > since]
+    old = [e for e in train if since is not None and e.ts <= since]
+    # Replay takes its share when there is enough of it; fresh examples fill the rest.
+    keep_old = rng.sample(old, min(len(old), round(most * replay_share)))
+    keep_fresh = fresh[len(fresh) - min(len(fresh), most - len(keep_old)) :]
+    return sorted([*keep_old, *keep_fresh], key=lambda e: (e.ts, e.event_id))
+
+
 def run_increment(
     settings: Settings,
     catalog: Catalog,
@@ -84,8 +99,8 @@ def run_increment(
     rng = random.Random(seed)
     seed_everything(seed)
     split = split_fresh_replay(examples, since, cfg.replay_share, rng, holdout=cfg.holdout)
-    fresh_n = sum(1 for e in split.train if since is None or e.ts > since)
-    train = split.train[-cfg.max_train_examples :]
+    train = cap(split.train, since, cfg.max_train_examples, cfg.replay_share, rng)
+    fresh_n = sum(1 for e in train if since is None or e.ts > since)
     if target_transform is not None:
         train = target_transform(list(train))
     through = max((e.ts for e in split.train), default=since)
@@ -141,7 +156,7 @@ def run_increment(
     result = Increment(
         decision=decision,
         fresh=fresh_n,
-        replay=len(train) - min(fresh_n, len(train)),
+        replay=len(train) - fresh_n,
         holdout=len(split.holdout),
         through=through,
         parent=parent,

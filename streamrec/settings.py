@@ -146,6 +146,12 @@ class ModelSettings(_Section):
         default=True,
         description="Blend the T5 scores with the item-kNN / Markov signal saved beside the model.",
     )
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch CPU threads in the inference and train workers; 0: torch's default (all cores). "
+        "Set it when several workers share a machine: oversubscribed cores slow every one of them.",
+    )
 
 
 class TrainSettings(_Section):
