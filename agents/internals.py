@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from faust.streams import _current_event
+from faust.tables import recovery as faust_recovery
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import EventT
+from faust.types import TP, EventT
 
 
 def bind_event(event: EventT[Any]) -> None:
@@ -35,3 +37,54 @@ def set_fetch_max_wait(ms: int) -> None:
 
     thread_cls._streamrec_original_create = original
     thread_cls._create_worker_consumer = create
+
+
+def seek_streams_before_resuming() -> None:
+    """faust ends table recovery by resuming the input partitions, then seeking them to their
+    committed offsets, then resuming the flow, which empties every stream's queue. The flow is
+    already on (recovery needed it for the changelogs), so during the seek the fetcher hands input
+    records to the streams: those still queued when the flow resumes are thrown away although
+    faust counts them as read, and the seek rewinds faust's read offsets under records still
+    arriving, which it books as a gap of nonexistent offsets. After a restart with a backlog this
+    loses events (faust commits over the dropped ones), stops a partition's commits for good (a
+    dropped record outside any gap), or crawls (offsets booked both as gap and as processed let
+    each commit advance by one, once per commit interval). aiokafka fetches committed offsets one
+    partition at a time, so the seek is long enough to hit this on the embedded broker. Resume
+    the input partitions after the seek: nothing is fetched from them before it."""
+    recovery_cls: Any = faust_recovery.Recovery
+    for name in ("on_recovery_completed", "_resume_streams"):
+        saved = f"_streamrec_original_{name}"
+        original = getattr(recovery_cls, saved, getattr(recovery_cls, name))
+        setattr(recovery_cls, saved, original)
+        setattr(recovery_cls, name, _resume_after_seek(original))
+
+
+def _resume_after_seek(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(original)
+    async def run(self: Any, generation_id: int = 0) -> None:
+        consumer = self.app.consumer
+        held: list[Iterable[TP]] = []
+        seek = consumer.perform_seek
+
+        def release() -> None:
+            while held:
+                type(consumer).resume_partitions(consumer, held.pop(0))
+
+        async def seek_then_resume() -> None:
+            await seek()
+            release()
+
+        # For the length of the call only: these instance attributes hide the consumer's methods.
+        consumer.resume_partitions = held.append
+        consumer.perform_seek = seek_then_resume
+        try:
+            await original(self, generation_id)
+        finally:
+            del consumer.resume_partitions, consumer.perform_seek
+            release()  # no seek (nothing assigned, or another rebalance began): resume as faust would
+
+    return run
+
+
+# Applied on import: every app is built in agents.app, which imports this module.
+seek_streams_before_resuming()
