@@ -155,12 +155,6 @@ def test_history_and_dlq_after_10k_events_with_duplicates_and_malformed(make_set
         assert word in reasons
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="Open defect: on the embedded Tansu broker the restarted worker sometimes crawls at one message "
-    "per partition per second after the killed member expires, so it does not catch up in time. Passes "
-    "when that stall does not occur (it asserts exact histories then); see the README's known limits.",
-)
 @pytest.mark.parametrize("keep_state", [True, False], ids=["local-rocksdb", "rebuilt-from-changelog"])
 def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     make_settings: Any, tmp_path: Path, keep_state: bool
@@ -171,28 +165,47 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
     first, second = valid[:4_000], valid[4_000:]
 
     proc = start_worker("ingest", settings, tmp_path / "worker-1.log")
-    ends: Ends = {}
-    sender = threading.Thread(target=send, args=(settings, [as_message(e) for e in first], 500.0, ends))
-    sender.start()
     inputs = [settings.topics.clicks, settings.topics.purchases]
-    deadline = time.monotonic() + 60
-    while sum(committed_offsets(settings.kafka, settings.app_id, inputs).values()) < 300:
-        assert time.monotonic() < deadline, "the worker made no progress"
-        time.sleep(0.1)
+
+    def wait_committed(count: int) -> None:
+        deadline = time.monotonic() + 60
+        while sum(committed_offsets(settings.kafka, settings.app_id, inputs).values()) < count:
+            assert time.monotonic() < deadline, "the worker made no progress"
+            time.sleep(0.1)
+
+    # The worker answers HTTP before it has joined its group: stream only once it consumes, so that
+    # the paced sender is still running when the kill lands, however slow the start was.
+    ends = send(settings, [as_message(e) for e in first[:100]])
+    wait_committed(100)
+    sender = threading.Thread(target=send, args=(settings, [as_message(e) for e in first[100:]], 500.0, ends))
+    sender.start()
+    wait_committed(400)
     assert sender.is_alive(), "the kill must land mid-stream"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    sender.join()
 
     if not keep_state:
         shutil.rmtree(settings.data_dir)
+    # Restart at once, as a supervisor would: the killed member is still in the group when the new
+    # one joins, and leaves it only when its session times out.
     proc = start_worker("ingest", settings, tmp_path / "worker-2.log")
     try:
+        sender.join()
         # Old events re-sent after the restart, mixed with new ones: all must be recognised.
         rng = random.Random(5)
         resent = [as_message(e) for e in rng.sample(first, 400)]
         fresh = [as_message(e) for e in second]
         send(settings, fresh[:1_000] + resent + fresh[1_000:], ends=ends)
+        caught_up(settings, proc, ends)
+        assert_histories(settings, oracle(valid))
+    finally:
+        stop_process(proc)
+
+    # What was committed and stored survives a clean restart too. A re-sent event tells when the
+    # new worker consumes again (it changes nothing).
+    proc = start_worker("ingest", settings, tmp_path / "worker-3.log")
+    try:
+        send(settings, [as_message(second[-1])], ends=ends)
         caught_up(settings, proc, ends)
         assert_histories(settings, oracle(valid))
     finally:
