@@ -7,6 +7,7 @@ force when it was sent."""
 
 from __future__ import annotations
 
+import bisect
 import json
 import shutil
 import time
@@ -101,6 +102,52 @@ class RecWatcher:
         self.consumer.close()
 
 
+class Pace:
+    """Time compression with a trainer in the loop. A replay sends in minutes what took months, so
+    unpaced it would outrun the trainer and measure little but its speed. At the real event rate
+    the trainer keeps up: the replay waits while more than `lead` sent events are newer than what
+    the trainer last trained on (its cursor), at most `patience_s` per wait."""
+
+    def __init__(self, settings: Settings, lead: int, log: Log, patience_s: float = 900.0) -> None:
+        from agents.feedback import Cursor
+
+        self.cursor = Cursor(settings)
+        self.lead, self.log, self.patience_s = lead, log, patience_s
+        self.times: list[float] = []  # event times sent, sorted
+        self.open = True
+        self.waiting_since: float | None = None
+        self.checked = 0.0
+        self.waited = 0.0
+
+    def sent(self, ts: datetime) -> None:
+        bisect.insort(self.times, ts.timestamp())
+
+    def ahead(self) -> int:
+        through = self.cursor.get()
+        if through is None:
+            return len(self.times)
+        return len(self.times) - bisect.bisect_right(self.times, through.timestamp())
+
+    def may_send(self, in_flight: int) -> bool:
+        """Whether new steps may go now (checked at most every 0.2 s; the cursor is a file)."""
+        now = time.monotonic()
+        if now - self.checked < 0.2:
+            return self.open
+        self.checked = now
+        self.open = self.ahead() + in_flight < self.lead
+        if self.open:
+            if self.waiting_since is not None:
+                self.waited += now - self.waiting_since
+                self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
+        elif now - self.waiting_since > self.patience_s:
+            self.log(f"the trainer has not moved for {self.patience_s:.0f}s: replaying on without it")
+            self.lead = len(self.times) + 10**9
+            self.open = True
+        return self.open
+
+
 def mode_settings(base: Settings, mode: str, model_dir: Path, since: datetime, online: dict[str, Any]) -> Settings:
     tag = f"{mode}-{uuid.uuid4().hex[:6]}"
     names = {
@@ -113,7 +160,8 @@ def mode_settings(base: Settings, mode: str, model_dir: Path, since: datetime, o
             "app_id": f"streamrec-replay-{tag}",
             "data_dir": base.data_dir / f"replay-{tag}",
             "topics": base.topics.model_copy(update=names),
-            "model": base.model.model_copy(update={"base": str(model_dir.resolve()), "top_k": 10}),
+            # Three workers and the replay share the cores: one torch thread each, or they thrash.
+            "model": base.model.model_copy(update={"base": str(model_dir.resolve()), "top_k": 10, "threads": 1}),
             "serve": base.serve.model_copy(update={"exclude_seen": True, "batch_within_s": 0.02}),
             "ingest": base.ingest.model_copy(update={"batch_within_s": 0.02}),
             "kafka": base.kafka.model_copy(update={"fetch_max_wait_ms": 20}),
@@ -190,6 +238,8 @@ def run_mode(
             missing = 0
             offset = len(the_plan.bootstrap)
             index = 0
+            lead = 2 * (settings.online.min_new_examples + settings.online.holdout)
+            pace = Pace(settings, lead=lead, log=log) if mode == "online" else None
             bar = tqdm(total=len(the_plan.replayed), desc=f"{mode}: replay", unit="event", leave=False)
             for w, window in enumerate(the_plan.windows):
                 events = [to_event(e, offset + index + n) for n, e in enumerate(window)]
@@ -197,7 +247,9 @@ def run_mode(
                 index += len(window)
                 in_flight: dict[str, tuple[str, int, float]] = {}  # user -> (last event id, size, sent at)
                 while queues or in_flight:
-                    for user in [u for u in queues if u not in in_flight]:
+                    if pace is not None and queues and not pace.may_send(len(in_flight)):
+                        watcher.poll(200)  # answers still come in while the trainer catches up
+                    for user in [u for u in queues if u not in in_flight and (pace is None or pace.open)]:
                         step = queues[user].popleft()
                         if not queues[user]:
                             del queues[user]
@@ -214,6 +266,8 @@ def run_mode(
                                 )
                             )
                             send(events[n])
+                            if pace is not None:
+                                pace.sent(events[n].ts)
                         in_flight[user] = (events[step[-1]].event_id, len(step), time.monotonic())
                     prod.flush()
                     watcher.poll(20)
@@ -240,6 +294,7 @@ def run_mode(
     result = report(outcomes, len(the_plan.windows))
     result |= {
         "seconds": round(time.monotonic() - started, 1),
+        "waited_for_trainer_s": round(pace.waited, 1) if pace is not None else 0.0,
         "replay_seconds": round(replay_seconds, 1),
         "missing_recommendations": missing,
     }
