@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Container, Iterable
 from typing import Any
 
 from faust.streams import _current_event
@@ -39,7 +39,7 @@ def set_fetch_max_wait(ms: int) -> None:
     thread_cls._create_worker_consumer = create
 
 
-def seek_streams_before_resuming() -> None:
+def resume_inputs_after_recovery() -> None:
     """faust ends table recovery by resuming the input partitions, then seeking them to their
     committed offsets, then resuming the flow, which empties every stream's queue. The flow is
     already on (recovery needed it for the changelogs), so during the seek the fetcher hands input
@@ -50,41 +50,66 @@ def seek_streams_before_resuming() -> None:
     dropped record outside any gap), or crawls (offsets booked both as gap and as processed let
     each commit advance by one, once per commit interval). aiokafka fetches committed offsets one
     partition at a time, so the seek is long enough to hit this on the embedded broker. Resume
-    the input partitions after the seek: nothing is fetched from them before it."""
+    the input partitions once recovery is over, seek and flow included: nothing is fetched from
+    them before, so nothing is thrown away. (Needs `fetch_active_partitions_only`.)"""
     recovery_cls: Any = faust_recovery.Recovery
     for name in ("on_recovery_completed", "_resume_streams"):
         saved = f"_streamrec_original_{name}"
         original = getattr(recovery_cls, saved, getattr(recovery_cls, name))
         setattr(recovery_cls, saved, original)
-        setattr(recovery_cls, name, _resume_after_seek(original))
+        setattr(recovery_cls, name, _resume_when_done(original))
 
 
-def _resume_after_seek(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+def _resume_when_done(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
     @functools.wraps(original)
     async def run(self: Any, generation_id: int = 0) -> None:
         consumer = self.app.consumer
         held: list[Iterable[TP]] = []
-        seek = consumer.perform_seek
-
-        def release() -> None:
-            while held:
-                type(consumer).resume_partitions(consumer, held.pop(0))
-
-        async def seek_then_resume() -> None:
-            await seek()
-            release()
-
-        # For the length of the call only: these instance attributes hide the consumer's methods.
-        consumer.resume_partitions = held.append
-        consumer.perform_seek = seek_then_resume
+        consumer.resume_partitions = held.append  # hides the method for the length of the call
         try:
             await original(self, generation_id)
         finally:
-            del consumer.resume_partitions, consumer.perform_seek
-            release()  # no seek (nothing assigned, or another rebalance began): resume as faust would
+            del consumer.resume_partitions
+        # Not after an exception: that is a new rebalance (its own recovery resumes what it
+        # assigns) or a stop.
+        for tps in held:
+            consumer.resume_partitions(tps)
 
     return run
 
 
+def fetch_active_partitions_only() -> None:
+    """faust asks aiokafka for the records of its active partitions, passing its live set of them.
+    aiokafka takes an empty set for "every partition", and faust drops what comes back for a
+    partition that is not active, though aiokafka has moved past it. So a fetch that waits while
+    the set empties (recovery pauses the changelogs before the input partitions are resumed)
+    returns the input partitions' records, and faust loses them. Pass a view of the live set that
+    is never taken for "every partition"."""
+    thread_cls: Any = faust_aiokafka.AIOKafkaConsumerThread
+    original = getattr(thread_cls, "_streamrec_original_fetch_records", thread_cls._fetch_records)
+
+    @functools.wraps(original)
+    async def fetch(self: Any, consumer: Any, active_partitions: Any, *args: Any, **kwargs: Any) -> Any:
+        view = None if active_partitions is None else _ActivePartitions(active_partitions)
+        return await original(self, consumer, view, *args, **kwargs)
+
+    thread_cls._streamrec_original_fetch_records = original
+    thread_cls._fetch_records = fetch
+
+
+class _ActivePartitions:
+    """Membership follows the live set; truth does not depend on it being empty."""
+
+    def __init__(self, live: Container[TP]) -> None:
+        self._live = live
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._live
+
+
 # Applied on import: every app is built in agents.app, which imports this module.
-seek_streams_before_resuming()
+resume_inputs_after_recovery()
+fetch_active_partitions_only()
