@@ -173,14 +173,18 @@ def test_sigkill_mid_stream_loses_nothing_and_counts_nothing_twice(
             assert time.monotonic() < deadline, "the worker made no progress"
             time.sleep(0.1)
 
-    # The worker answers HTTP before it has joined its group: stream only once it consumes, so that
-    # the paced sender is still running when the kill lands, however slow the start was.
-    ends = send(settings, [as_message(e) for e in first[:100]])
-    wait_committed(100)
-    sender = threading.Thread(target=send, args=(settings, [as_message(e) for e in first[100:]], 500.0, ends))
-    sender.start()
-    wait_committed(400)
-    assert sender.is_alive(), "the kill must land mid-stream"
+    try:
+        # The worker answers HTTP before it has joined its group: stream only once it consumes, so
+        # that the paced sender is still running when the kill lands, however slow the start was.
+        ends = send(settings, [as_message(e) for e in first[:100]])
+        wait_committed(100)
+        sender = threading.Thread(target=send, args=(settings, [as_message(e) for e in first[100:]], 500.0, ends))
+        sender.start()
+        wait_committed(400)
+        assert sender.is_alive(), "the kill must land mid-stream"
+    except BaseException:
+        stop_process(proc)
+        raise
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
