@@ -53,11 +53,11 @@ def resume_inputs_after_recovery() -> None:
     the input partitions once recovery is over, seek and flow included: nothing is fetched from
     them before, so nothing is thrown away. (Needs `fetch_active_partitions_only`.)"""
     recovery_cls: Any = faust_recovery.Recovery
-    for name in ("on_recovery_completed", "_resume_streams"):
-        saved = f"_streamrec_original_{name}"
-        original = getattr(recovery_cls, saved, getattr(recovery_cls, name))
-        setattr(recovery_cls, saved, original)
-        setattr(recovery_cls, name, _resume_when_done(original))
+    # Apps without tables resume through Recovery._resume_streams instead, with the flow still off
+    # during the seek: nothing to fix there.
+    original = getattr(recovery_cls, "_streamrec_original_on_recovery_completed", recovery_cls.on_recovery_completed)
+    recovery_cls._streamrec_original_on_recovery_completed = original
+    recovery_cls.on_recovery_completed = _resume_when_done(original)
 
 
 def _resume_when_done(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
