@@ -5,13 +5,11 @@ replay sample of older ones into a gated LoRA increment and announces it when it
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -37,37 +35,6 @@ from streamrec.settings import Settings, registry_root
 log = logging.getLogger(__name__)
 
 HISTORY_ITEMS = 20  # history kept in an example: more than any template shows, so edits still work
-INCREMENTS_LOG = "increments.jsonl"
-CURSOR_FILE = "trainer.json"
-
-
-def increments_path(settings: Settings) -> Path:
-    """One JSON line per increment (gate decision, sizes, version), for operators and `replay`."""
-    return settings.data_dir / INCREMENTS_LOG
-
-
-class Cursor:
-    """The newest example time the last increment trained on, kept on disk: after a restart the
-    trainer goes on from there instead of treating every stored example as fresh."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.path = settings.data_dir / CURSOR_FILE
-        self.floor = settings.online.since
-
-    def get(self) -> datetime | None:
-        try:
-            stored = json.loads(self.path.read_text())["through"]
-        except (FileNotFoundError, KeyError, json.JSONDecodeError):
-            return self.floor
-        value = None if stored is None else datetime.fromisoformat(stored)
-        if value is None or (self.floor is not None and value < self.floor):
-            return self.floor
-        return value
-
-    def set(self, value: datetime | None) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"through": None if value is None else value.isoformat()}))
-        tmp.replace(self.path)
 
 
 def register(app: faust.App, settings: Settings) -> None:
@@ -159,7 +126,7 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
     import peft  # noqa: F401
 
     from streamrec.model import set_threads
-    from streamrec.online import run_increment
+    from streamrec.online import Cursor, append_increment, run_increment
 
     set_threads(settings.model.threads)
 
@@ -214,9 +181,7 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
         cursor.set(result.through)
         decision = result.decision
         GATE_DECISIONS.labels(decision="accepted" if decision.accepted else "refused").inc()
-        record = {"at": datetime.now().astimezone().isoformat(), **result.as_dict()}
-        with increments_path(settings).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_increment(settings, result)
         if result.manifest is None:
             log.warning("trainer: gate refused the candidate (parent %s): %s", result.parent, decision.reason)
             return

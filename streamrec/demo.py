@@ -27,6 +27,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from streamrec.events import Event, Recommendation
+from streamrec.online import increments_path
 from streamrec.runner import local_stack, running_workers
 from streamrec.settings import Settings, client_config
 from streamrec.simulate import SimConfig, generate_events, make_catalog
@@ -45,7 +46,6 @@ DEMO_ONLINE: dict[str, Any] = {
     "max_train_examples": 1000,
     "capacity": 10_000,
 }
-INCREMENTS_LOG = "increments.jsonl"  # written by the train worker (agents/feedback.py) in its data dir
 _WAITING = re.compile(r"trainer: (\d+) new examples \(need (\d+) \+ (\d+) held out\)")
 
 
@@ -302,7 +302,7 @@ def run(duration: float | None, rate: float, users: int, items: int, seed: int) 
         # (on a busy 2-core machine an increment ran five times slower with 2 threads than with 1).
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _usable_cpus() // 3)))
         workers = stack.enter_context(running_workers(settings, ("ingest", "infer", "train"), console.print))
-        trainer = Trainer(settings.data_dir / INCREMENTS_LOG, settings.data_dir / "logs" / "train.log")
+        trainer = Trainer(increments_path(settings), settings.data_dir / "logs" / "train.log")
 
         stop = threading.Event()
         stack.callback(stop.set)

@@ -6,6 +6,7 @@ never on the event loop; announcing a promotion on Kafka is the caller's job."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from streamrec.catalog import Catalog
@@ -54,6 +56,52 @@ class Increment:
             "seconds": round(self.seconds, 2),
             "train_seconds": round(self.train_seconds, 2),
         }
+
+
+INCREMENTS_LOG = "increments.jsonl"
+CURSOR_FILE = "trainer.json"
+
+
+def increments_path(settings: Settings) -> Path:
+    """One JSON line per increment (gate decision, sizes, version), for operators, the demo and `replay`."""
+    return settings.data_dir / INCREMENTS_LOG
+
+
+def append_increment(settings: Settings, result: Increment) -> None:
+    record = {"at": datetime.now().astimezone().isoformat(), **result.as_dict()}
+    with increments_path(settings).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_increments(settings: Settings) -> list[dict[str, Any]]:
+    path = increments_path(settings)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Cursor:
+    """The newest example time the last increment trained on, kept on disk: after a restart the
+    trainer goes on from there instead of treating every stored example as fresh."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.data_dir / CURSOR_FILE
+        self.floor = settings.online.since
+
+    def get(self) -> datetime | None:
+        try:
+            stored = json.loads(self.path.read_text())["through"]
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            return self.floor
+        value = None if stored is None else datetime.fromisoformat(stored)
+        if value is None or (self.floor is not None and value < self.floor):
+            return self.floor
+        return value
+
+    def set(self, value: datetime | None) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"through": None if value is None else value.isoformat()}))
+        tmp.replace(self.path)
 
 
 def score(rec: Any, examples: Sequence[FeedbackExample], exclude_seen: bool) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import Any
 from streamrec.catalog import Catalog
 from streamrec.datasets import Dataset, LogEvent
 from streamrec.events import Event, EventType, Recommendation
+from streamrec.online import Cursor, increments_path, read_increments
 from streamrec.prequential import PROTOCOL, Outcome, Plan, plan, report, user_steps
 from streamrec.settings import Settings, TopicSettings, client_config
 
@@ -109,8 +110,6 @@ class Pace:
     the trainer last trained on (its cursor), at most `patience_s` per wait."""
 
     def __init__(self, settings: Settings, lead: int, log: Log, patience_s: float = 900.0) -> None:
-        from agents.feedback import Cursor
-
         self.cursor = Cursor(settings)
         self.lead, self.log, self.patience_s = lead, log, patience_s
         self.times: list[float] = []  # event times sent, sorted
@@ -180,12 +179,11 @@ def run_mode(
     keep: Path | None = None,
 ) -> dict[str, Any]:
     """Replay the whole log through a fresh stack; the online mode adds the train worker."""
-    from kafka import TopicPartition
     from tqdm.auto import tqdm
 
     from streamrec.broker import create_topics, producer
     from streamrec.runner import committed_offsets, local_stack, running_workers, wait_caught_up
-    from streamrec.traffic import send_catalog
+    from streamrec.traffic import event_topic, send_catalog, send_events
 
     since = datetime.fromtimestamp(the_plan.bootstrap[-1].ts, UTC)
     started = time.monotonic()
@@ -198,9 +196,10 @@ def run_mode(
             watcher = RecWatcher(settings)
             prod = producer(settings.kafka, linger_ms=5)
 
-            def send(event: Event) -> Any:
-                topic = settings.topics.clicks if event.type is EventType.CLICK else settings.topics.purchases
-                return prod.send(topic, key=event.user_id.encode(), value=event.model_dump_json().encode())
+            def send(event: Event) -> None:
+                prod.send(
+                    event_topic(settings, event), key=event.user_id.encode(), value=event.model_dump_json().encode()
+                )
 
             def check_alive() -> None:
                 for role, proc in procs.items():
@@ -212,15 +211,9 @@ def run_mode(
             # while (clicks and purchases come from two topics, so a user's final trigger is not
             # certain: see the ingest agent; quiet is the only safe signal).
             users = {e.user_id for e in the_plan.bootstrap}
-            futures = [send(to_event(e, n)) for n, e in enumerate(the_plan.bootstrap)]
-            prod.flush()
-            ends: dict[Any, int] = {}
-            for future in futures:
-                meta = future.get(timeout=60)
-                tp = TopicPartition(meta.topic, meta.partition)
-                ends[tp] = max(ends.get(tp, 0), meta.offset + 1)
-            log(f"{mode}: {len(futures):,} warm-up events sent; waiting for the workers")
-            wait_caught_up(settings.kafka, settings.app_id, ends, timeout=1800, proc=procs["ingest"])
+            stats = send_events(settings, (to_event(e, n) for n, e in enumerate(the_plan.bootstrap)))
+            log(f"{mode}: {stats.sent:,} warm-up events sent; waiting for the workers")
+            wait_caught_up(settings.kafka, settings.app_id, stats.ends, timeout=1800, proc=procs["ingest"])
             infer_group = settings.app_id + "-infer"
             quiet_since, last_seen, committed = time.monotonic(), watcher.count, None
             while True:
@@ -283,12 +276,10 @@ def run_mode(
             prod.close()
             watcher.close()
             replay_seconds = time.monotonic() - warmed
-        increments = _increments(settings)
+        increments = read_increments(settings)
         if keep is not None:
             # The stack's data dir may be temporary: keep the workers' logs and the trainer's record.
             shutil.copytree(settings.data_dir / "logs", keep, dirs_exist_ok=True)
-            from agents.feedback import increments_path
-
             if increments_path(settings).is_file():
                 shutil.copy(increments_path(settings), keep)
     result = report(outcomes, len(the_plan.windows))
@@ -301,15 +292,6 @@ def run_mode(
     if mode == "online":
         result["increments"] = increments
     return result
-
-
-def _increments(settings: Settings) -> list[dict[str, Any]]:
-    from agents.feedback import increments_path
-
-    path = increments_path(settings)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def run(

@@ -37,6 +37,10 @@ class SendStats:
                 self.appended.popitem(last=False)
 
 
+def event_topic(settings: Settings, event: Event) -> str:
+    return settings.topics.clicks if event.type is EventType.CLICK else settings.topics.purchases
+
+
 def send_catalog(settings: Settings, items: Iterable[CatalogItem]) -> int:
     prod = producer(settings.kafka)
     n = 0
@@ -64,8 +68,9 @@ def send_events(
         for event in events:
             if stop is not None and stop.is_set():
                 break
-            topic = settings.topics.clicks if event.type is EventType.CLICK else settings.topics.purchases
-            future = prod.send(topic, key=event.user_id.encode(), value=event.model_dump_json().encode())
+            future = prod.send(
+                event_topic(settings, event), key=event.user_id.encode(), value=event.model_dump_json().encode()
+            )
             future.add_callback(functools.partial(stats.acked, event.event_id))
             stats.sent += 1
             if on_sent is not None:
