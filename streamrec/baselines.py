@@ -74,28 +74,32 @@ class Popularity(Baseline):
 
 class ItemKNN(Baseline):
     """Cosine similarity of item co-occurrence across users; a history scores each item by the summed
-    similarity to its `recent` latest items. Only the `neighbours` most similar items are kept."""
+    similarity to its `recent` latest items. Only the `neighbours` most similar items are kept.
+
+    `window` 0 counts two items as co-occurring when one user has both (classic item-kNN). A
+    `window` > 0 makes it sequential: only pairs at most `window` positions apart in a user's
+    sequence count, weighted 1 / distance, so items chosen in the same sitting dominate; those
+    neighbourhoods shift with what users are doing now, which is why they reward refitting on a
+    stream. `decay` > 0 weights the history's items by 1 / (position from the end) ** decay."""
 
     name = "itemknn"
 
-    def __init__(self, neighbours: int = 200, recent: int = 20) -> None:
+    def __init__(self, neighbours: int = 200, recent: int = 20, window: int = 0, decay: float = 0.0) -> None:
         super().__init__()
         self.neighbours = neighbours
         self.recent = recent
+        self.window = window
+        self.decay = decay
         self.nbr_idx = np.zeros((0, 0), dtype=np.int32)
         self.nbr_sim = np.zeros((0, 0), dtype=np.float32)
 
+    def like(self) -> ItemKNN:
+        """An unfitted item-kNN with the same settings."""
+        return ItemKNN(self.neighbours, self.recent, self.window, self.decay)
+
     def _fit(self, seqs: list[list[int]]) -> None:
         n = len(self.items)
-        co = np.zeros((n, n), dtype=np.float32)
-        # Users in blocks: a dense user-item block times its transpose adds that block's co-occurrences
-        # without ever holding the full user-item matrix.
-        block = 1024
-        for start in range(0, len(seqs), block):
-            x = np.zeros((min(block, len(seqs) - start), n), dtype=np.float32)
-            for r, seq in enumerate(seqs[start : start + block]):
-                x[r, seq] = 1.0
-            co += x.T @ x
+        co = self._sequential(seqs, n) if self.window > 0 else self._cooccurrence(seqs, n)
         count = np.diag(co).copy()
         np.fill_diagonal(co, 0.0)
         norm = np.sqrt(np.maximum(count, 1.0))
@@ -105,17 +109,48 @@ class ItemKNN(Baseline):
         self.nbr_idx = np.zeros((n, kk), dtype=np.int32)
         self.nbr_sim = np.zeros((n, kk), dtype=np.float32)
         # Row blocks: a whole-matrix argpartition would copy the n x n matrix once more.
+        block = 1024
         for start in range(0, n if n > 1 else 0, block):
             rows = co[start : start + block]
             idx = np.argpartition(-rows, kk - 1, axis=1)[:, :kk]
             self.nbr_idx[start : start + block] = idx
             self.nbr_sim[start : start + block] = np.take_along_axis(rows, idx, axis=1)
 
+    def _sequential(self, seqs: list[list[int]], n: int) -> FloatArray:
+        """Pair weights 1 / distance within `window`, symmetric; the diagonal holds each item's count."""
+        co = np.zeros((n, n), dtype=np.float32)
+        for seq in seqs:
+            a = np.asarray(seq, dtype=np.int64)
+            for d in range(1, min(self.window, len(a) - 1) + 1):
+                np.add.at(co, (a[:-d], a[d:]), 1.0 / d)
+        co += co.T
+        flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs] or [np.zeros(0, dtype=np.int64)])
+        np.fill_diagonal(co, np.bincount(flat, minlength=n).astype(np.float32))
+        return co
+
+    @staticmethod
+    def _cooccurrence(seqs: list[list[int]], n: int) -> FloatArray:
+        """Users having both items; the diagonal holds each item's user count."""
+        co = np.zeros((n, n), dtype=np.float32)
+        # Users in blocks: a dense user-item block times its transpose adds that block's co-occurrences
+        # without ever holding the full user-item matrix.
+        block = 1024
+        for start in range(0, len(seqs), block):
+            x = np.zeros((min(block, len(seqs) - start), n), dtype=np.float32)
+            for r, seq in enumerate(seqs[start : start + block]):
+                x[r, seq] = 1.0
+            co += x.T @ x
+        return co
+
     def _scores(self, history: list[int]) -> FloatArray:
         s = np.zeros(len(self.items), dtype=np.float32)
         recent = history[-self.recent :] if self.recent > 0 else history
         if recent:
-            np.add.at(s, self.nbr_idx[recent].ravel(), self.nbr_sim[recent].ravel())
+            sims = self.nbr_sim[recent]
+            if self.decay > 0:
+                age = np.arange(len(recent), 0, -1, dtype=np.float32)  # 1 for the newest item
+                sims = sims * (age**-self.decay)[:, None]
+            np.add.at(s, self.nbr_idx[recent].ravel(), sims.ravel())
         return s
 
 
@@ -185,6 +220,14 @@ class Blend:
             out.append(self._dist(row))
         return out[0], out[1]
 
+    def refit(self, sequences: Mapping[str, Sequence[HistoryItem]], items: Iterable[str]) -> Blend:
+        """The same signals and weights fitted again on `sequences` (per user, oldest first): what an
+        online increment ships with its adapter, so the served neighbourhoods follow the stream."""
+        knn = self.knn.like().fit(sequences, items)
+        markov = Markov().fit(sequences, items)
+        assert isinstance(knn, ItemKNN) and isinstance(markov, Markov)
+        return Blend(knn, markov, self.w_knn, self.w_markov)
+
     def mix(self, p_model: FloatArray, p_knn: FloatArray, p_markov: FloatArray) -> FloatArray:
         w = 1.0 - self.w_knn - self.w_markov
         mixed: FloatArray = w * p_model + self.w_knn * p_knn + self.w_markov * p_markov
@@ -203,6 +246,8 @@ class Blend:
             nbr_idx=self.knn.nbr_idx,
             nbr_sim=self.knn.nbr_sim,
             recent=np.array(self.knn.recent),
+            window=np.array(self.knn.window),
+            decay=np.array(self.knn.decay),
             markov_from=a.astype(np.int64),
             markov_to=b.astype(np.int64),
             markov_count=c.astype(np.float32),
@@ -213,7 +258,10 @@ class Blend:
     def load(cls, path: str) -> Blend:
         with np.load(path, allow_pickle=False) as z:
             items = [str(i) for i in z["items"]]
-            knn = ItemKNN(neighbours=int(z["nbr_idx"].shape[1]), recent=int(z["recent"]))
+            # Files written before sequential neighbourhoods existed hold classic item-kNN.
+            window = int(z["window"]) if "window" in z.files else 0
+            decay = float(z["decay"]) if "decay" in z.files else 0.0
+            knn = ItemKNN(neighbours=int(z["nbr_idx"].shape[1]), recent=int(z["recent"]), window=window, decay=decay)
             markov = Markov()
             for model in (knn, markov):
                 model.items = items

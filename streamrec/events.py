@@ -127,6 +127,10 @@ class AdapterAnnouncement(_Contract):
     version: Id
     uri: str = Field(description="Where the weights are: a directory path or URI.")
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    blend_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        default=None,
+        description="sha256 of the blend.npz refitted with the adapter, served with it; None: the base model's blend.",
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     parent: str | None = None
     base: str | None = Field(default=None, description="The base model the adapter was trained on.")

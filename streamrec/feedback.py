@@ -159,6 +159,15 @@ def _order(example: FeedbackExample) -> tuple[float, str]:
     return (example.ts.timestamp(), example.event_id)
 
 
+def user_sequences(examples: Iterable[FeedbackExample]) -> dict[str, list[HistoryItem]]:
+    """Per user, what they chose, oldest first: one item per example (its target), so the sequences
+    are the stream the store has kept, whatever each example's rolling history had forgotten."""
+    sequences: dict[str, list[HistoryItem]] = {}
+    for e in sorted(examples, key=_order):
+        sequences.setdefault(e.user_id, []).append(HistoryItem(e.target, e.target_type))
+    return sequences
+
+
 class FeedbackBuffer(BaseModel):
     """The newest `capacity` examples by event time (oldest first, ties by event_id), without
     duplicates: an example whose event_id is already held is dropped, so replaying events after a

@@ -10,11 +10,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streamrec.baselines import Blend
 from streamrec.catalog import Catalog
 from streamrec.errors import ModelError
 from streamrec.events import AdapterAnnouncement, HistoryUpdate, Recommendation, RecommendedItem, utcnow
 from streamrec.instructions import RecRequest
-from streamrec.registry import WEIGHTS, sha256_file
+from streamrec.registry import BLEND, WEIGHTS, sha256_file
 from streamrec.serving import model_weight, serve_list
 from streamrec.settings import Settings
 
@@ -52,7 +53,8 @@ ADAPTER_WEIGHTS = WEIGHTS
 
 
 def verified_adapter_dir(announcement: AdapterAnnouncement) -> Path:
-    """The adapter directory of an announcement, once its weights match the announced sha256."""
+    """The adapter directory of an announcement, once its weights (and its blend, when it brings one)
+    match the announced sha256s."""
     folder = Path(announcement.uri.removeprefix("file://"))
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -63,7 +65,22 @@ def verified_adapter_dir(announcement: AdapterAnnouncement) -> Path:
             f"adapter {announcement.version}: sha256 mismatch (announced {announcement.sha256[:12]}, "
             f"found {actual[:12]}); refusing it"
         )
+    if announcement.blend_sha256 is not None:
+        blend = folder / BLEND
+        found = sha256_file(blend) if blend.is_file() else "missing"
+        if found != announcement.blend_sha256:
+            raise ModelError(
+                f"adapter {announcement.version}: blend sha256 mismatch (announced {announcement.blend_sha256[:12]}, "
+                f"found {found[:12]}); refusing it"
+            )
     return folder
+
+
+def load_blend(path: Path) -> Blend:
+    try:
+        return Blend.load(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot read the blend {path}: {exc}") from exc
 
 
 class Generator:
@@ -94,7 +111,10 @@ class Generator:
         if self.recommender is None:
             raise ModelError("no model loaded yet")
         folder = verified_adapter_dir(announcement)
-        self.recommender.load_adapter(str(folder), version=announcement.version)
+        blend = None
+        if announcement.blend_sha256 is not None and self.settings.model.blend:
+            blend = load_blend(folder / BLEND)
+        self.recommender.load_adapter(str(folder), version=announcement.version, blend=blend)
         log.info("adapter %s in service", announcement.version)
 
     def generate(self, updates: Sequence[HistoryUpdate], trending: Mapping[str, float]) -> list[Recommendation]:

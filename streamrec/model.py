@@ -27,12 +27,13 @@ from streamrec.catalog import Catalog, ItemTrie, SchemeName, ScoredItem, build_t
 from streamrec.errors import ModelError
 from streamrec.events import ModelVersion
 from streamrec.instructions import DEFAULT_TEMPLATES, Instructions, RecRequest, item_texts
+from streamrec.registry import BLEND
 
 # transformers 5 draws a progress bar for every load and save; a worker's log has no use for them.
 hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 META_FILE = "streamrec.json"
-BLEND_FILE = "blend.npz"
+BLEND_FILE = BLEND  # beside a trained model, or in an adapter refitted with it
 TEMPLATES_FILE = "instructions.toml"
 DEFAULT_TASK = "next_click"
 
@@ -114,7 +115,8 @@ class Recommender:
         self.trie = ItemTrie({})
         self._single: dict[int, str] = {}
         self._single_items: list[str] = []
-        self.blend: Blend | None = None
+        self.blend: Blend | None = None  # served now: the adapter's own blend, or the base model's
+        self.base_blend: Blend | None = None
 
     # ---------------------------------------------------------------- building and loading
 
@@ -197,7 +199,8 @@ class Recommender:
             )
             if catalog is not None:
                 rec.set_catalog(catalog)
-            rec.load_adapter(str(path), version=path.name)
+            own = Blend.load(str(path / BLEND_FILE)) if use_blend and (path / BLEND_FILE).is_file() else None
+            rec.load_adapter(str(path), version=path.name, blend=own)
             return rec
         meta: dict[str, Any] = {}
         if (path / META_FILE).is_file():
@@ -251,9 +254,16 @@ class Recommender:
         return out
 
     def set_blend(self, blend: Blend | None) -> None:
-        """Mix this item-kNN / Markov signal into the model's item distribution (one-token schemes)."""
+        """Mix this item-kNN / Markov signal into the base model's item distribution (one-token
+        schemes): served whenever the adapter in service brings no blend of its own."""
         with self._lock:
             self.blend = blend
+            self.base_blend = blend
+
+    def set_adapter_blend(self, blend: Blend | None) -> None:
+        """Serve `blend` with the adapter in service (an increment refits it); None: the base model's."""
+        with self._lock:
+            self.blend = blend if blend is not None else self.base_blend
 
     def save_blend(self, out_dir: str | Path) -> None:
         if self.blend is not None:
@@ -299,10 +309,11 @@ class Recommender:
 
     # ---------------------------------------------------------------- adapters
 
-    def load_adapter(self, adapter_dir: str, version: str | None = None) -> None:
-        """Put a LoRA adapter (peft directory) on the base model, replacing the current one. The swap
-        waits for a running batch to finish and the next batch waits for the swap, so no batch ever
-        mixes two adapters; the pause is the time to read the (small) adapter weights."""
+    def load_adapter(self, adapter_dir: str, version: str | None = None, blend: Blend | None = None) -> None:
+        """Put a LoRA adapter (peft directory) on the base model, replacing the current one, with the
+        blend refitted with it (None: the base model's). The swap waits for a running batch to
+        finish and the next batch waits for the swap, so no batch ever mixes two adapters; the pause
+        is the time to read the (small) adapter weights."""
         from peft import PeftModel
 
         name = version or Path(adapter_dir).name
@@ -322,6 +333,7 @@ class Recommender:
                 raise ModelError(f"cannot load adapter {adapter_dir!r}: {exc}") from exc
             self.model.to(self.device).eval()
             self.adapter_version = name
+            self.set_adapter_blend(blend)
 
     @property
     def version(self) -> ModelVersion:
@@ -490,9 +502,9 @@ class Recommender:
         with self._lock:
             self.model = get_peft_model(self.model, cfg)
 
-    def continue_adapter(self, adapter_dir: str, version: str | None = None) -> None:
-        """Put a saved adapter on the base model with its weights trainable: the next increment
-        starts from the adapter in service instead of from nothing."""
+    def continue_adapter(self, adapter_dir: str, version: str | None = None, blend: Blend | None = None) -> None:
+        """Put a saved adapter on the base model with its weights trainable, with its blend (None:
+        the base model's): the next increment starts from the adapter in service, not from nothing."""
         from peft import PeftModel
 
         try:
@@ -500,6 +512,7 @@ class Recommender:
                 self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=True)
                 self.model.to(self.device)
                 self.adapter_version = version or Path(adapter_dir).name
+                self.set_adapter_blend(blend)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"cannot load adapter {adapter_dir!r} for training: {exc}") from exc
 

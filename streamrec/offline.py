@@ -75,10 +75,13 @@ def compare(
     *,
     blend: bool = True,
     save_blend: str | Path | None = None,
+    blend_window: int = 0,
+    blend_decay: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
     """Test metrics of every model on the same split. `streamrec` is what is served (T5 blended with
-    the item-kNN / Markov signal when `blend`), `streamrec-t5` the T5 model alone."""
+    the item-kNN / Markov signal when `blend`), `streamrec-t5` the T5 model alone. The blend's
+    item-kNN is the tuned baseline, made sequential when `blend_window` > 0 (see ItemKNN)."""
     items = catalog.ids
     users = sorted(split.test)
     test = requests_for(split, "test", users)
@@ -96,7 +99,11 @@ def compare(
     t5 = _score(rec.recommend(test, k=10, blend=False), users, targets, n)
     log(f"streamrec-t5: {t5}")
     if blend and rec.single_token_items:
-        b = Blend(knn, markov)
+        blend_knn = knn
+        if blend_window > 0 or blend_decay > 0:
+            blend_knn = ItemKNN(knn.neighbours, knn.recent, blend_window, blend_decay)
+            blend_knn.fit(split.train, items)
+        b = Blend(blend_knn, markov)
         val_users = sorted(split.valid)
         if len(val_users) > BLEND_USERS:
             val_users = sorted(random.Random(0).sample(val_users, BLEND_USERS))
@@ -114,7 +121,13 @@ def compare(
         if save_blend is not None:
             rec.save_blend(save_blend)
         served: dict[str, Any] = _score(rec.recommend(test, k=10), users, targets, n)
-        served["blend"] = {"itemknn": b.w_knn, "markov": b.w_markov, "t5": round(1 - b.w_knn - b.w_markov, 3)}
+        served["blend"] = {
+            "itemknn": b.w_knn,
+            "markov": b.w_markov,
+            "t5": round(1 - b.w_knn - b.w_markov, 3),
+            "itemknn_window": blend_knn.window,
+            "itemknn_decay": blend_knn.decay,
+        }
         results = {"streamrec": served, "streamrec-t5": t5, **results}
     else:
         results = {"streamrec": t5, **results}

@@ -1,8 +1,10 @@
 """One online increment, top to bottom: split the feedback into fresh, replay and held-out examples;
-load the base model with the adapter in service (trainable, so the increment continues it); score
-it on the held-out examples; train; score the candidate on the same examples; let the gate decide;
-register and promote the candidate when it passes. Runs in the train worker's training thread,
-never on the event loop; announcing a promotion on Kafka is the caller's job."""
+load the base model with the adapter in service (trainable, so the increment continues it) and the
+blend served with it; score it on the held-out examples; train; refit the blend's item-kNN / Markov
+statistics on the feedback store (the held-out examples excepted); score the candidate, adapter and
+blend together, on the same examples; let the gate decide; register and promote the candidate (its
+blend inside the adapter directory, under the manifest's sha256) when it passes. Runs in the train
+worker's training thread, never on the event loop; announcing a promotion on Kafka is the caller's job."""
 
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from typing import Any
 
 from streamrec.catalog import Catalog
 from streamrec.errors import ModelError
-from streamrec.feedback import FeedbackExample, split_fresh_replay
+from streamrec.feedback import FeedbackExample, split_fresh_replay, user_sequences
 from streamrec.gate import GateDecision, decide, holdout_metrics
 from streamrec.instructions import RecRequest, excluded, task_for
-from streamrec.registry import AdapterRegistry, Manifest
+from streamrec.registry import BLEND, AdapterRegistry, Manifest
 from streamrec.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,7 @@ def run_increment(
 ) -> Increment:
     """Train, gate and (when it passes) register and promote one adapter. `target_transform` lets a
     drill corrupt the training examples (a deliberately bad adapter must be refused)."""
-    from streamrec.generation import load_recommender
+    from streamrec.generation import load_blend, load_recommender
     from streamrec.model import Trainer, seed_everything
 
     started = time.monotonic()
@@ -157,7 +159,9 @@ def run_increment(
     rec = load_recommender(settings, catalog)
     current = registry.current()
     if current is not None and registry.verify(current):
-        rec.continue_adapter(str(registry.path(current.version)), current.version)
+        folder = registry.path(current.version)
+        own = load_blend(folder / BLEND) if current.blend_sha256 is not None and rec.base_blend is not None else None
+        rec.continue_adapter(str(folder), current.version, blend=own)
     elif current is not None:
         raise ModelError(f"adapter in service {current.version} fails its sha256 check; roll back first")
     else:
@@ -196,6 +200,13 @@ def run_increment(
             losses.append(trainer.step(inputs[b : b + cfg.batch_size], labels[b : b + cfg.batch_size]))
     trainer.train_mode(False)
     train_seconds = time.monotonic() - train_started
+    # The blend follows the stream too: its statistics, refitted on every stored example but the
+    # held-out ones, with the weights chosen at bootstrap.
+    blend = None
+    if cfg.refit_blend and rec.blend is not None:
+        held = {e.event_id for e in split.holdout}
+        blend = rec.blend.refit(user_sequences(e for e in examples if e.event_id not in held), catalog.ids)
+        rec.set_adapter_blend(blend)
     after = score(rec, split.holdout, exclude_seen)
 
     decision = decide(after, before, cfg.gate_tolerance, cfg.gate_min_examples, len(split.holdout))
@@ -214,6 +225,8 @@ def run_increment(
     if decision.accepted:
         with tempfile.TemporaryDirectory(prefix="streamrec-adapter-") as tmp:
             rec.save_adapter(tmp)
+            if blend is not None:
+                blend.save(str(Path(tmp) / BLEND))
             manifest = registry.register(tmp, parent=parent, metrics=after, base=rec.base)
         result.manifest = registry.promote(manifest.version)
     result.seconds = time.monotonic() - started

@@ -1,6 +1,7 @@
 """The adapter registry: versioned LoRA adapters on disk (a data dir or a shared volume), each with a
-manifest carrying the sha256 of its weights, and the CURRENT pointer that promotion and rollback
-move. File I/O only: no torch, no Kafka; announcing a promotion is the caller's job."""
+manifest carrying the sha256 of its weights (and of the blend refitted with it, when there is one),
+and the CURRENT pointer that promotion and rollback move. File I/O only: no torch, no Kafka;
+announcing a promotion is the caller's job."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from streamrec.events import AdapterAnnouncement, utcnow
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+# The item-kNN / Markov blend an increment refitted on the feedback: served with the adapter.
+BLEND = "blend.npz"
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 HISTORY = "history.jsonl"
@@ -56,6 +59,7 @@ class Manifest(BaseModel):
     version: str
     parent: str | None = None
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    blend_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)
     base: str | None = None
@@ -80,12 +84,15 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_dir(directory: str | Path, sha256: str) -> bool:
-    """True when `directory` holds an adapter config and weights whose sha256 is `sha256`. For
-    inference workers checking an announcement before they load it."""
+def verify_dir(directory: str | Path, sha256: str, blend_sha256: str | None = None) -> bool:
+    """True when `directory` holds an adapter config and weights whose sha256 is `sha256`, and a
+    blend whose sha256 is `blend_sha256` when one is expected. For inference workers checking an
+    announcement before they load it."""
     d = Path(directory)
     try:
-        return (d / CONFIG).is_file() and sha256_file(d / WEIGHTS) == sha256
+        if not (d / CONFIG).is_file() or sha256_file(d / WEIGHTS) != sha256:
+            return False
+        return blend_sha256 is None or sha256_file(d / BLEND) == blend_sha256
     except OSError:
         return False
 
@@ -172,7 +179,12 @@ class AdapterRegistry:
                     _fsync(p)  # the rename below must not outrun the data
             # Hash the copy, not the source: the manifest must describe the bytes the registry holds.
             manifest = Manifest(
-                version=version, parent=parent, sha256=sha256_file(tmp / WEIGHTS), metrics=scores, base=base
+                version=version,
+                parent=parent,
+                sha256=sha256_file(tmp / WEIGHTS),
+                blend_sha256=sha256_file(tmp / BLEND) if (tmp / BLEND).is_file() else None,
+                metrics=scores,
+                base=base,
             )
             _write_atomic(tmp / MANIFEST, manifest.model_dump_json(indent=2))
             try:
@@ -211,8 +223,8 @@ class AdapterRegistry:
         return sorted(found, key=lambda m: (m.created_at, m.version))
 
     def verify(self, manifest: Manifest) -> bool:
-        """True when the version's config and weights are present and the weights' sha256 matches."""
-        return verify_dir(self.path(manifest.version), manifest.sha256)
+        """True when the version's config and weights are present and the sha256s match."""
+        return verify_dir(self.path(manifest.version), manifest.sha256, manifest.blend_sha256)
 
     def _verified(self, version: str) -> Manifest:
         manifest = self.get(version)
@@ -222,6 +234,12 @@ class AdapterRegistry:
         actual = sha256_file(d / WEIGHTS)
         if actual != manifest.sha256:
             raise AdapterCorrupt(f"adapter {version}: sha256 of {WEIGHTS} is {actual}, manifest says {manifest.sha256}")
+        if manifest.blend_sha256 is not None:
+            blend = sha256_file(d / BLEND) if (d / BLEND).is_file() else "missing"
+            if blend != manifest.blend_sha256:
+                raise AdapterCorrupt(
+                    f"adapter {version}: sha256 of {BLEND} is {blend}, manifest says {manifest.blend_sha256}"
+                )
         return manifest
 
     # ---- promotion ------------------------------------------------------------------------
@@ -265,6 +283,7 @@ class AdapterRegistry:
             version=manifest.version,
             uri=str(self.path(manifest.version).resolve()),
             sha256=manifest.sha256,
+            blend_sha256=manifest.blend_sha256,
             metrics=manifest.metrics,
             parent=manifest.parent,
             base=manifest.base,

@@ -53,11 +53,20 @@ def bootstrap(
     from streamrec.training import train
 
     split = leave_one_out(the_plan.bootstrap)
-    cfg = load_settings().train.model_copy(update={"max_minutes": train_minutes})
+    settings = load_settings()
+    cfg = settings.train.model_copy(update={"max_minutes": train_minutes})
     started = time.monotonic()
     rec, _ = train(split, catalog, out_dir, cfg, log=log)
     seconds = time.monotonic() - started
-    models = compare(rec, split, catalog, save_blend=out_dir, log=log)
+    models = compare(
+        rec,
+        split,
+        catalog,
+        save_blend=out_dir,
+        blend_window=settings.model.blend_window,
+        blend_decay=settings.model.blend_decay,
+        log=log,
+    )
     return models, seconds
 
 

@@ -146,6 +146,17 @@ class ModelSettings(_Section):
         default=True,
         description="Blend the T5 scores with the item-kNN / Markov signal saved beside the model.",
     )
+    blend_window: int = Field(
+        default=40,
+        ge=0,
+        description="The blend's item-kNN, when a model is trained: items at most this many positions apart in "
+        "a user's sequence are neighbours, weighted 1 / distance (0: classic item-kNN over whole histories).",
+    )
+    blend_decay: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="The blend's item-kNN weights the history's items by 1 / (position from the end) ** decay.",
+    )
     threads: int = Field(
         default=0,
         ge=0,
@@ -193,7 +204,16 @@ class OnlineSettings(_Section):
         default=1800.0, ge=0, description="An event joins a recommendation made at most this long before it."
     )
     keep_recs: int = Field(default=5, ge=1, description="Recommendations remembered per user for joining.")
-    capacity: int = Field(default=50_000, ge=100, description="Training examples kept in the feedback store.")
+    capacity: int = Field(
+        default=50_000,
+        ge=100,
+        description="Training examples kept in the feedback store (also the window the blend is refitted on).",
+    )
+    refit_blend: bool = Field(
+        default=True,
+        description="Each increment also refits the blend's item-kNN / Markov statistics on the feedback store "
+        "and ships them with the adapter (gated together).",
+    )
     interval_s: float = Field(default=300.0, gt=0, description="How often the trainer looks for new examples.")
     min_new_examples: int = Field(default=1000, ge=1, description="New examples needed before an increment runs.")
     replay_share: float = Field(

@@ -125,8 +125,18 @@ def evaluate(
         train_seconds = 0.0
         target = model
     # The blend fitted here is saved with a model trained here, never into a --model directory.
+    from streamrec.settings import load_settings
+
+    model_cfg = load_settings().model
     models = compare(
-        rec, split, dataset.catalog, blend=blend, save_blend=target if model is None else None, log=typer.echo
+        rec,
+        split,
+        dataset.catalog,
+        blend=blend,
+        save_blend=target if model is None else None,
+        blend_window=model_cfg.blend_window,
+        blend_decay=model_cfg.blend_decay,
+        log=typer.echo,
     )
     dev = resolve_device(device)
     report = {

@@ -68,3 +68,49 @@ def test_blend_weights_pick_the_signal_that_finds_the_target() -> None:
     p_markov = np.array([[1.0, 0.0, 0.0]], dtype=np.float32)
     w_knn, _, ndcg = fit_blend_weights(p_model, p_knn, p_markov, [2], [[]], grid=(0.0, 0.5))
     assert w_knn == 0.5 and ndcg == pytest.approx(1.0)
+
+
+def test_sequential_itemknn_counts_only_nearby_pairs_weighted_by_distance() -> None:
+    # One user: a b c d e in order. Window 2: (a,b) (b,c) (c,d) (d,e) weigh 1, (a,c) (b,d) (c,e) 1/2,
+    # and a and d, three positions apart, are not neighbours at all. Each item occurs once: cosine
+    # norms are 1.
+    knn = ItemKNN(recent=1, window=2).fit(_train({"u1": "a b c d e"}), ITEMS)
+    scores = {s.item_id: s.score for s in knn.recommend(["a"], exclude={"a"}, k=4)}
+    assert scores["b"] == pytest.approx(1.0, abs=1e-5)
+    assert scores["c"] == pytest.approx(0.5, abs=1e-5)
+    assert scores["d"] < 1e-5 and scores["e"] < 1e-5  # only the popularity tie-break
+    # Window 0 is classic item-kNN: the whole history co-occurs.
+    classic = ItemKNN(recent=1).fit(_train({"u1": "a b c d e"}), ITEMS)
+    assert classic.recommend(["a"], exclude={"a"}, k=4)[-1].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_decay_weights_the_newest_history_items_most() -> None:
+    train = _train({"u1": "a b", "u2": "c d"})
+    flat = ItemKNN(recent=2).fit(train, ITEMS)
+    decayed = ItemKNN(recent=2, decay=1.0).fit(train, ITEMS)
+    # History "a", then "c" (newest): b and d tie without decay; with it d (c's neighbour) wins, and
+    # b's similarity is halved (a is second from the end).
+    flat_scores = {s.item_id: s.score for s in flat.recommend(["a", "c"], exclude={"a", "c"}, k=2)}
+    assert flat_scores["b"] == pytest.approx(flat_scores["d"], abs=1e-5)
+    top = decayed.recommend(["a", "c"], exclude={"a", "c"}, k=2)
+    assert [s.item_id for s in top] == ["d", "b"]
+    assert top[1].score == pytest.approx(top[0].score / 2, abs=1e-5)
+
+
+def test_a_refitted_blend_keeps_its_settings_and_weights_and_learns_the_new_sequences(tmp_path: Path) -> None:
+    blend = Blend(ItemKNN(recent=3, window=2, decay=0.5).fit(TRAIN, ITEMS), Markov().fit(TRAIN, ITEMS), 0.6, 0.2)
+    # "e" after "a" never happened at fit time; the stream now says it does, and "f" is a new item.
+    fresh = blend.refit(_train({"u1": "a e", "u2": "a e f", "u3": "a e"}), [*ITEMS, "f"])
+    assert (fresh.knn.recent, fresh.knn.window, fresh.knn.decay, fresh.w_knn, fresh.w_markov) == (3, 2, 0.5, 0.6, 0.2)
+    assert blend.knn.recommend(["a"], exclude={"a"}, k=1)[0].item_id == "b"
+    assert fresh.knn.recommend(["a"], exclude={"a"}, k=1)[0].item_id == "e"
+    assert fresh.markov.recommend(["e"], exclude={"e"}, k=1)[0].item_id == "f"
+    # Settings survive the file; a file written before windows existed loads as classic item-kNN.
+    fresh.save(str(tmp_path / "blend.npz"))
+    back = Blend.load(str(tmp_path / "blend.npz"))
+    assert (back.knn.window, back.knn.decay) == (2, 0.5)
+    with np.load(tmp_path / "blend.npz") as z:
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k not in ("window", "decay")})
+    old = Blend.load(str(tmp_path / "old.npz"))
+    assert (old.knn.window, old.knn.decay) == (0, 0.0)
+    np.testing.assert_array_equal(old.knn.nbr_idx, back.knn.nbr_idx)

@@ -14,6 +14,7 @@ from streamrec.feedback import (
     FeedbackExample,
     PendingRecs,
     split_fresh_replay,
+    user_sequences,
 )
 from streamrec.instructions import HistoryItem
 
@@ -254,3 +255,17 @@ def test_split_edges() -> None:
     for share in (-0.1, 1.0):
         with pytest.raises(ValueError):
             split_fresh_replay(buf, None, share, 0, holdout=1)
+
+
+def test_user_sequences_are_each_users_targets_in_time_order() -> None:
+    examples = [
+        example("e3", 30, "c"),
+        example("e1", 10, "a"),
+        FeedbackExample(event_id="o1", user_id="u2", history=(), target="z", target_type="purchase", ts=at(20)),
+        example("e2", 20, "b"),
+        example("e0", 20, "b0"),  # same instant: event id breaks the tie, as in every split
+    ]
+    assert user_sequences(examples) == {
+        "u1": [HistoryItem("a"), HistoryItem("b0"), HistoryItem("b"), HistoryItem("c")],
+        "u2": [HistoryItem("z", "purchase")],
+    }

@@ -11,6 +11,7 @@ import pytest
 
 from streamrec.errors import ModelError
 from streamrec.registry import (
+    BLEND,
     CONFIG,
     CURRENT,
     WEIGHTS,
@@ -194,3 +195,33 @@ def test_leftovers_and_foreign_directories_are_not_versions(tmp_path: Path, reg:
     (reg.root / "notes").mkdir()  # no manifest
     assert [m.version for m in reg.versions()] == ["v0001"]
     assert reg.next_version() == "v0002"
+
+
+def test_a_blend_shipped_with_an_adapter_is_under_the_manifest_and_the_announcement(
+    tmp_path: Path, reg: AdapterRegistry
+) -> None:
+    from streamrec.generation import verified_adapter_dir
+
+    plain = reg.register(fake_adapter(tmp_path, b"w0", name="plain"))
+    src = fake_adapter(tmp_path, b"w1")
+    (src / BLEND).write_bytes(b"neighbours")
+    m = reg.register(src)
+    assert plain.blend_sha256 is None
+    assert m.blend_sha256 == hashlib.sha256(b"neighbours").hexdigest()
+    ann = reg.announcement(m)
+    assert ann.blend_sha256 == m.blend_sha256 and verify_dir(ann.uri, ann.sha256, ann.blend_sha256)
+    assert verified_adapter_dir(ann) == reg.root / m.version
+    reg.promote(m.version)
+
+    # A tampered or missing blend is refused like tampered weights, by the registry and the worker.
+    (reg.root / m.version / BLEND).write_bytes(b"evil neighbours")
+    assert not reg.verify(m)
+    with pytest.raises(ModelError, match="blend sha256 mismatch"):
+        verified_adapter_dir(ann)
+    with pytest.raises(AdapterCorrupt, match=BLEND):
+        reg.promote(m.version)
+    (reg.root / m.version / BLEND).unlink()
+    with pytest.raises(AdapterCorrupt, match="missing"):
+        reg.promote(m.version)
+    with pytest.raises(ModelError, match="found missing"):
+        verified_adapter_dir(ann)

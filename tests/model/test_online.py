@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from streamrec.baselines import Blend, ItemKNN, Markov
 from streamrec.catalog import Catalog
 from streamrec.datasets import LogEvent
 from streamrec.evaluation import leave_one_out
 from streamrec.events import CatalogItem
-from streamrec.feedback import FeedbackExample, split_fresh_replay
+from streamrec.feedback import FeedbackExample, split_fresh_replay, user_sequences
 from streamrec.instructions import HistoryItem
-from streamrec.registry import AdapterRegistry
+from streamrec.registry import BLEND, AdapterRegistry, sha256_file
 from streamrec.settings import Settings, TrainSettings, registry_root
 
 pytestmark = pytest.mark.model
@@ -85,6 +88,25 @@ def feedback(n: int, start_s: float, seed: int, prefix: str) -> list[FeedbackExa
     return out
 
 
+def walkers(users: int, steps: int, start_s: float, seed: int, prefix: str) -> list[FeedbackExample]:
+    """Users walking the pattern one step per second, interleaved: each example's target is the
+    next item of its user's walk, so each user's targets are themselves a walk."""
+    rng = random.Random(seed)
+    seqs = [walk(rng.randrange(ITEMS), steps + 3) for _ in range(users)]
+    return [
+        FeedbackExample(
+            event_id=f"{prefix}{u}-{t}",
+            user_id=f"{prefix}user{u}",
+            history=tuple(HistoryItem(i, "click") for i in seqs[u][: t + 3]),
+            target=seqs[u][t + 3],
+            target_type="click",
+            ts=T0 + timedelta(seconds=start_s + t * users + u),
+        )
+        for t in range(steps)
+        for u in range(users)
+    ]
+
+
 def make_settings(tmp_path: Path, base: Path, **online: Any) -> Settings:
     small = {"holdout": 40, "gate_min_examples": 30, "batch_size": 16, "epochs": 2, "lr": 1e-3} | online
     return Settings(data_dir=tmp_path, model={"base": str(base), "device": "cpu"}, online=small)
@@ -139,7 +161,9 @@ def served_model(base: Path, registry: AdapterRegistry, version: str) -> Any:
     from streamrec.model import Recommender
 
     rec = Recommender.load(str(base), "cpu", catalog=CATALOG)
-    rec.load_adapter(str(registry.path(version)), version=version)
+    manifest = registry.get(version)
+    own = Blend.load(str(registry.path(version) / BLEND)) if manifest.blend_sha256 is not None else None
+    rec.load_adapter(str(registry.path(version)), version=version, blend=own)
     return rec
 
 
@@ -164,3 +188,48 @@ def test_an_adapter_trained_on_shuffled_targets_is_refused_and_nothing_changes(t
     assert [m.version for m in registry.versions()] == [v1]
     assert sorted(p.name for p in registry.root.iterdir()) == before
     assert registry.history() == history
+
+
+def test_an_increment_refits_the_blend_ships_it_under_the_manifest_and_the_next_one_starts_from_it(
+    tmp_path: Path, base: Path
+) -> None:
+    # The base model with a stale blend, fitted on walks the other way round: the stream has moved on.
+    blended = tmp_path / "blended"
+    shutil.copytree(base, blended)
+    walks = {f"w{u}": [HistoryItem(i) for i in reversed(walk(u, 8))] for u in range(ITEMS)}
+    start = Blend(ItemKNN(recent=3, window=2).fit(walks, CATALOG.ids), Markov().fit(walks, CATALOG.ids), 0.3, 0.2)
+    start.save(str(blended / BLEND))
+    # This test is about what ships, not about the gate (tested above): a loose tolerance.
+    settings = make_settings(tmp_path / "data", blended, gate_tolerance=0.1)
+    registry = AdapterRegistry(registry_root(settings))
+    first = walkers(15, 10, 0, seed=6, prefix="a")
+
+    one = run_increment(settings, CATALOG, first, None, registry)
+    v1 = check_promoted(one, registry, parent=None)
+    folder = registry.path(v1)
+    assert registry.get(v1).blend_sha256 == sha256_file(folder / BLEND)
+    # What shipped: the bootstrap's settings and weights, statistics refitted on every example but
+    # the held-out ones; the gate scored the adapter and that blend together.
+    shipped = Blend.load(str(folder / BLEND))
+    held = {e.event_id for e in split_fresh_replay(first, None, 0.5, 0, holdout=40).holdout}
+    expected = start.refit(user_sequences(e for e in first if e.event_id not in held), CATALOG.ids)
+    assert (shipped.knn.recent, shipped.knn.window, shipped.w_knn, shipped.w_markov) == (3, 2, 0.3, 0.2)
+    np.testing.assert_array_equal(shipped.knn.nbr_idx, expected.knn.nbr_idx)
+    np.testing.assert_allclose(shipped.knn.nbr_sim, expected.knn.nbr_sim)
+    assert not np.array_equal(shipped.knn.nbr_sim, start.knn.nbr_sim)
+    holdout = [e for e in first if e.event_id in held]
+    assert one.decision.candidate == pytest.approx(score(served_model(blended, registry, v1), holdout, False))
+
+    # The next increment compares with v1 as served, its own blend included.
+    both = first + walkers(15, 10, 10_000, seed=7, prefix="b")
+    two = run_increment(settings, CATALOG, both, one.through, registry, seed=1)
+    holdout = split_fresh_replay(both, None, 0.5, 0, holdout=40).holdout
+    assert two.decision.current == pytest.approx(score(served_model(blended, registry, v1), holdout, False))
+
+    # Switched off, an increment ships no blend and the base model's is served with it.
+    off = make_settings(tmp_path / "data", blended, gate_tolerance=0.1, refit_blend=False)
+    three = run_increment(off, CATALOG, both, None, registry, seed=2)
+    assert three.manifest is not None, three.decision.reason
+    assert three.manifest.blend_sha256 is None and not (registry.path(three.manifest.version) / BLEND).exists()
+    plain = served_model(blended, registry, three.manifest.version)
+    assert plain.blend is plain.base_blend and plain.blend is not None
