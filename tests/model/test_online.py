@@ -233,3 +233,16 @@ def test_an_increment_refits_the_blend_ships_it_under_the_manifest_and_the_next_
     assert three.manifest.blend_sha256 is None and not (registry.path(three.manifest.version) / BLEND).exists()
     plain = served_model(blended, registry, three.manifest.version)
     assert plain.blend is plain.base_blend and plain.blend is not None
+
+    # An inference worker swaps the blend with the adapter, and back to the base one on rollback.
+    from streamrec.generation import Generator
+
+    worker = Generator(settings)
+    worker.set_catalog(CATALOG, (1, 1))
+    served = worker.recommender
+    assert served is not None and served.blend is served.base_blend
+    worker.apply_adapter(registry.announcement(registry.get(v1)))
+    assert served.blend is not None and served.blend is not served.base_blend
+    np.testing.assert_array_equal(served.blend.knn.nbr_idx, shipped.knn.nbr_idx)
+    worker.apply_adapter(registry.announcement(three.manifest))
+    assert served.blend is served.base_blend and served.adapter_version == three.manifest.version
