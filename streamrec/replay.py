@@ -341,6 +341,9 @@ def run(
         "min_new_examples": 2500,
         "holdout": 300,
         "gate_min_examples": 100,
+        # The store keeps the whole log: the online run's training replay and its refitted blend see
+        # everything it has seen, as the frozen model saw all of the bootstrap part.
+        "capacity": max(100, len(dataset.events)),
         **(online or {}),
     }
     report_["online_settings"] = online_cfg
