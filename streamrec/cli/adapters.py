@@ -36,7 +36,7 @@ def list_adapters() -> None:
     registry = AdapterRegistry(registry_root(load_settings()))
     current = registry.current_version()
     table = Table(title=f"adapters in {registry.root}")
-    for col in ("", "version", "parent", "created", "HR@10", "NDCG@10", "sha256"):
+    for col in ("", "version", "parent", "created", "HR@10", "NDCG@10", "sha256", "blend sha256"):
         table.add_column(col)
     for m in registry.versions():
         table.add_row(
@@ -47,6 +47,7 @@ def list_adapters() -> None:
             f"{m.metrics.get('HR@10', float('nan')):.4f}",
             f"{m.metrics.get('NDCG@10', float('nan')):.4f}",
             m.sha256[:12],
+            m.blend_sha256[:12] if m.blend_sha256 else "- (base model's)",
         )
     console.print(table)
 
