@@ -155,7 +155,7 @@ class PendingRecs(BaseModel):
         return cls.model_validate_json(raw)
 
 
-def _order(example: FeedbackExample) -> tuple[float, str]:
+def example_order(example: FeedbackExample) -> tuple[float, str]:
     return (example.ts.timestamp(), example.event_id)
 
 
@@ -163,7 +163,7 @@ def user_sequences(examples: Iterable[FeedbackExample]) -> dict[str, list[Histor
     """Per user, what they chose, oldest first: one item per example (its target), so the sequences
     are the stream the store has kept, whatever each example's rolling history had forgotten."""
     sequences: dict[str, list[HistoryItem]] = {}
-    for e in sorted(examples, key=_order):
+    for e in sorted(examples, key=example_order):
         sequences.setdefault(e.user_id, []).append(HistoryItem(e.target, e.target_type))
     return sequences
 
@@ -187,7 +187,7 @@ class FeedbackBuffer(BaseModel):
                 added.append(e)
         if not added:
             return self
-        merged = sorted((*self.examples, *added), key=_order)
+        merged = sorted((*self.examples, *added), key=example_order)
         return FeedbackBuffer(capacity=self.capacity, examples=tuple(merged[-self.capacity :]))
 
     def __len__(self) -> int:
@@ -225,7 +225,7 @@ def split_fresh_replay(
         raise ValueError("replay_share must be in [0, 1)")
     if holdout < 0:
         raise ValueError("holdout must not be negative")
-    examples = sorted(buffer.examples if isinstance(buffer, FeedbackBuffer) else buffer, key=_order)
+    examples = sorted(buffer.examples if isinstance(buffer, FeedbackBuffer) else buffer, key=example_order)
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     cut = len(examples) - min(holdout, len(examples))
     rest, held = examples[:cut], examples[cut:]
@@ -237,7 +237,7 @@ def split_fresh_replay(
         fresh = [e for e in rest if e.ts.timestamp() > since]
     wanted = round(len(fresh) * replay_share / (1.0 - replay_share))
     replay = rng.sample(old, min(wanted, len(old)))
-    return TrainSplit(train=sorted([*replay, *fresh], key=_order), holdout=held)
+    return TrainSplit(train=sorted([*replay, *fresh], key=example_order), holdout=held)
 
 
 class FeedbackUser(BaseModel):

@@ -76,11 +76,16 @@ def verified_adapter_dir(announcement: AdapterAnnouncement) -> Path:
     return folder
 
 
-def load_blend(path: Path) -> Blend:
+def adapter_blend(settings: Settings, folder: Path, blend_sha256: str | None) -> Blend | None:
+    """The blend an adapter version is served with: its own when it ships one (`blend_sha256`, already
+    checked) and blending is on; None means the base model's. The inference worker and the trainer
+    (scoring the adapter in service) follow this one rule, so the gate compares what is served."""
+    if blend_sha256 is None or not settings.model.blend:
+        return None
     try:
-        return Blend.load(str(path))
+        return Blend.load(str(folder / BLEND))
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"cannot read the blend {path}: {exc}") from exc
+        raise ModelError(f"cannot read the blend in {folder}: {exc}") from exc
 
 
 class Generator:
@@ -111,9 +116,7 @@ class Generator:
         if self.recommender is None:
             raise ModelError("no model loaded yet")
         folder = verified_adapter_dir(announcement)
-        blend = None
-        if announcement.blend_sha256 is not None and self.settings.model.blend:
-            blend = load_blend(folder / BLEND)
+        blend = adapter_blend(self.settings, folder, announcement.blend_sha256)
         self.recommender.load_adapter(str(folder), version=announcement.version, blend=blend)
         log.info("adapter %s in service", announcement.version)
 

@@ -33,7 +33,6 @@ from streamrec.registry import BLEND
 hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 META_FILE = "streamrec.json"
-BLEND_FILE = BLEND  # beside a trained model, or in an adapter refitted with it
 TEMPLATES_FILE = "instructions.toml"
 DEFAULT_TASK = "next_click"
 
@@ -199,7 +198,7 @@ class Recommender:
             )
             if catalog is not None:
                 rec.set_catalog(catalog)
-            own = Blend.load(str(path / BLEND_FILE)) if use_blend and (path / BLEND_FILE).is_file() else None
+            own = Blend.load(str(path / BLEND)) if use_blend and (path / BLEND).is_file() else None
             rec.load_adapter(str(path), version=path.name, blend=own)
             return rec
         meta: dict[str, Any] = {}
@@ -230,8 +229,8 @@ class Recommender:
             catalog = Catalog(CatalogItem.model_validate_json(line) for line in lines if line.strip())
         if catalog is not None:
             rec.set_catalog(catalog)
-        if use_blend and (path / BLEND_FILE).is_file():
-            rec.set_blend(Blend.load(str(path / BLEND_FILE)))
+        if use_blend and (path / BLEND).is_file():
+            rec.set_blend(Blend.load(str(path / BLEND)))
         return rec
 
     def save(self, out_dir: str | Path) -> Path:
@@ -268,7 +267,7 @@ class Recommender:
     def save_blend(self, out_dir: str | Path) -> None:
         if self.blend is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            self.blend.save(str(Path(out_dir) / BLEND_FILE))
+            self.blend.save(str(Path(out_dir) / BLEND))
 
     # ---------------------------------------------------------------- catalog
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from streamrec.catalog import Catalog
 from streamrec.errors import ModelError
-from streamrec.feedback import FeedbackExample, split_fresh_replay, user_sequences
+from streamrec.feedback import FeedbackExample, example_order, split_fresh_replay, user_sequences
 from streamrec.gate import GateDecision, decide, holdout_metrics
 from streamrec.instructions import RecRequest, excluded, task_for
 from streamrec.registry import BLEND, AdapterRegistry, Manifest
@@ -126,7 +126,7 @@ def cap(
     # Replay takes its share when there is enough of it; fresh examples fill the rest.
     keep_old = rng.sample(old, min(len(old), round(most * replay_share)))
     keep_fresh = fresh[len(fresh) - min(len(fresh), most - len(keep_old)) :]
-    return sorted([*keep_old, *keep_fresh], key=lambda e: (e.ts, e.event_id))
+    return sorted([*keep_old, *keep_fresh], key=example_order)
 
 
 def run_increment(
@@ -141,7 +141,7 @@ def run_increment(
 ) -> Increment:
     """Train, gate and (when it passes) register and promote one adapter. `target_transform` lets a
     drill corrupt the training examples (a deliberately bad adapter must be refused)."""
-    from streamrec.generation import load_blend, load_recommender
+    from streamrec.generation import adapter_blend, load_recommender
     from streamrec.model import Trainer, seed_everything
 
     started = time.monotonic()
@@ -160,7 +160,7 @@ def run_increment(
     current = registry.current()
     if current is not None and registry.verify(current):
         folder = registry.path(current.version)
-        own = load_blend(folder / BLEND) if current.blend_sha256 is not None and rec.base_blend is not None else None
+        own = adapter_blend(settings, folder, current.blend_sha256)
         rec.continue_adapter(str(folder), current.version, blend=own)
     elif current is not None:
         raise ModelError(f"adapter in service {current.version} fails its sha256 check; roll back first")

@@ -75,3 +75,12 @@ def make_settings(kafka_settings: KafkaSettings, tmp_path: Path) -> MakeSettings
         return Settings(**(base | overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def walk_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model trained on the walk pattern (tests/walks.py), once per session; read-only."""
+    pytest.importorskip("torch")
+    from walks import train_walk_model
+
+    return train_walk_model(tmp_path_factory.mktemp("walk") / "model")

@@ -21,10 +21,9 @@ import pytest
 from streamtest import Ends, send_raw, start_worker
 from test_adapters import metric, recommendations
 from test_infer import as_raw, wait_for_final
+from walks import CATALOG_ITEMS, ITEMS, walk
 
 from streamrec.broker import create_topics, free_port
-from streamrec.catalog import Catalog
-from streamrec.events import CatalogItem
 from streamrec.feedback_store import ExampleStore
 from streamrec.generation import tiny_dir
 from streamrec.registry import AdapterRegistry
@@ -33,49 +32,9 @@ from streamrec.settings import Settings, registry_root
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
 
-ITEMS = 30
 T0 = datetime(2024, 6, 1, tzinfo=UTC)
-CATALOG = [CatalogItem(item_id=f"i{k}", title=f"thing {k}", category="stuff") for k in range(ITEMS)]
+CATALOG = CATALOG_ITEMS
 LAG_BOUND_S = 2.0  # liveness, not performance: the loop must never wait on a training step
-
-
-def walk(start: int, length: int) -> list[str]:
-    """The learnable pattern: after item k comes item k+1 (around the catalog)."""
-    return [f"i{(start + t) % ITEMS}" for t in range(length)]
-
-
-@pytest.fixture(scope="module")
-def trained_tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model that already knows the pattern, for DATA_DIR/models/tiny (about 20 s)."""
-    pytest.importorskip("torch")
-    from streamrec.datasets import LogEvent
-    from streamrec.evaluation import leave_one_out
-    from streamrec.settings import TrainSettings
-    from streamrec.training import train
-
-    rng = random.Random(0)
-    events: list[LogEvent] = []
-    for u in range(100):
-        for t, item in enumerate(walk(rng.randrange(ITEMS), 8)):
-            events.append(LogEvent(f"u{u}", item, float(t), "click", len(events)))
-    cfg = TrainSettings(
-        epochs=4,
-        batch_size=16,
-        lr=3e-3,
-        d_model=32,
-        d_ff=64,
-        num_layers=1,
-        num_heads=4,
-        text_vocab=300,
-        warmup=0.1,
-        dropout=0.0,
-        cold_start_share=0.0,
-        eval_users=60,
-    )
-    out = tmp_path_factory.mktemp("tiny") / "tiny"
-    _, report = train(leave_one_out(events), Catalog(CATALOG), out, cfg, device="cpu", progress=False, log=print)
-    assert report.best_val_ndcg10 > 0.7, report.history
-    return out
 
 
 def click(user: str, n: int, item: str, seconds: float, kind: str = "click") -> dict[str, Any]:
@@ -148,7 +107,7 @@ def wait_until(check: Any, what: str, timeout: float, procs: list[Any]) -> Any:
 
 
 def test_trainer_promotes_an_adapter_the_inference_worker_serves_while_staying_responsive(
-    make_settings: Any, tmp_path: Path, trained_tiny: Path
+    make_settings: Any, tmp_path: Path, walk_model: Path
 ) -> None:
     online = {
         "interval_s": 2.0,
@@ -163,7 +122,7 @@ def test_trainer_promotes_an_adapter_the_inference_worker_serves_while_staying_r
     settings = make_settings(
         model={"base": "tiny", "top_k": 5, "device": "cpu"}, serve={"batch_within_s": 0.05}, online=online
     )
-    shutil.copytree(trained_tiny, tiny_dir(settings))
+    shutil.copytree(walk_model, tiny_dir(settings))
     create_topics(settings.kafka, settings.topics)
     infer_settings = settings.model_copy(update={"web_port": free_port()})
     train_settings = settings.model_copy(update={"web_port": free_port()})

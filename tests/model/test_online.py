@@ -13,60 +13,28 @@ from typing import Any
 
 import numpy as np
 import pytest
+from walks import CATALOG_ITEMS, ITEMS, walk
 
 from streamrec.baselines import Blend, ItemKNN, Markov
 from streamrec.catalog import Catalog
-from streamrec.datasets import LogEvent
-from streamrec.evaluation import leave_one_out
-from streamrec.events import CatalogItem
 from streamrec.feedback import FeedbackExample, split_fresh_replay, user_sequences
 from streamrec.instructions import HistoryItem
 from streamrec.registry import BLEND, AdapterRegistry, sha256_file
-from streamrec.settings import Settings, TrainSettings, registry_root
+from streamrec.settings import Settings, registry_root
 
 pytestmark = pytest.mark.model
 pytest.importorskip("torch")
 
 from streamrec.online import Increment, run_increment, score  # noqa: E402
 
-ITEMS = 30
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
-CATALOG = Catalog(CatalogItem(item_id=f"i{k}", title=f"thing {k}", category="stuff") for k in range(ITEMS))
-BOOTSTRAP = TrainSettings(
-    epochs=4,
-    batch_size=16,
-    lr=3e-3,
-    d_model=32,
-    d_ff=64,
-    num_layers=1,
-    num_heads=4,
-    text_vocab=300,
-    warmup=0.1,
-    dropout=0.0,
-    cold_start_share=0.0,
-    eval_users=60,
-)
+CATALOG = Catalog(CATALOG_ITEMS)
 
 
-def walk(start: int, length: int) -> list[str]:
-    """The pattern: after item k comes item k+1 (around the catalog)."""
-    return [f"i{(start + t) % ITEMS}" for t in range(length)]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model trained on the pattern, saved like a hub checkpoint (about 20 s on 2 cores)."""
-    from streamrec.training import train
-
-    rng = random.Random(0)
-    events: list[LogEvent] = []
-    for u in range(100):
-        for t, item in enumerate(walk(rng.randrange(ITEMS), 8)):
-            events.append(LogEvent(f"u{u}", item, float(t), "click", len(events)))
-    out = tmp_path_factory.mktemp("online") / "base"
-    _, report = train(leave_one_out(events), CATALOG, out, BOOTSTRAP, device="cpu", progress=False, log=lambda _: None)
-    assert report.best_val_ndcg10 > 0.7, report.history
-    return out
+@pytest.fixture
+def base(walk_model: Path) -> Path:
+    """The tiny model trained on the walk pattern (shared, read-only)."""
+    return walk_model
 
 
 def feedback(n: int, start_s: float, seed: int, prefix: str) -> list[FeedbackExample]:
