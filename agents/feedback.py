@@ -109,8 +109,7 @@ def register(app: faust.App, settings: Settings) -> None:
                 store.put_many(examples)
                 FEEDBACK_STORE.set(len(store))
                 for example in examples:
-                    outcome = "taken" if example.taken else "ignored" if example.recommended else "none"
-                    FEEDBACK_EXAMPLES.labels(outcome=outcome).inc()
+                    FEEDBACK_EXAMPLES.labels(outcome=example.outcome).inc()
             for key, (raw, user) in changed.items():
                 bind_event(raw)
                 users[key] = user.to_bytes()  # faust persists only on assignment

@@ -49,6 +49,12 @@ class FeedbackExample(BaseModel):
         return tuple(i for i in self.recommended if i not in self.taken)
 
     @property
+    def outcome(self) -> str:
+        """taken (the user chose a recommended item), ignored (a list was in force, the user chose
+        another item) or none (no list was in force)."""
+        return "taken" if self.taken else "ignored" if self.recommended else "none"
+
+    @property
     def target_item(self) -> HistoryItem:
         return HistoryItem(self.target, self.target_type)
 
@@ -164,7 +170,7 @@ def user_sequences(examples: Iterable[FeedbackExample]) -> dict[str, list[Histor
     are the stream the store has kept, whatever each example's rolling history had forgotten."""
     sequences: dict[str, list[HistoryItem]] = {}
     for e in sorted(examples, key=example_order):
-        sequences.setdefault(e.user_id, []).append(HistoryItem(e.target, e.target_type))
+        sequences.setdefault(e.user_id, []).append(e.target_item)
     return sequences
 
 

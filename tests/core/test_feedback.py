@@ -97,12 +97,14 @@ def test_join_by_horizon_takes_the_most_recent_list_holding_the_item() -> None:
         pending = pending.add_recommendation(r)
     ex = one(pending, ev("e1", 300, "b"))
     assert (ex.rec_id, ex.recommended, ex.taken, ex.ignored) == ("r2", ("b", "c"), ("b",), ("c",))
+    assert ex.outcome == "taken"
 
 
 def test_item_not_recommended_is_a_sequential_example_against_the_latest_list() -> None:
     pending = PendingRecs().add_recommendation(rec("r1", 0, ["a"])).add_recommendation(rec("r2", 100, ["b", "c"]))
     ex = one(pending, ev("e1", 300, "q", kind="purchase"))
     assert (ex.rec_id, ex.recommended, ex.taken, ex.ignored) == ("r2", ("b", "c"), (), ("b", "c"))
+    assert ex.outcome == "ignored"
     assert ex.target_item == HistoryItem("q", "purchase")
 
 
@@ -128,6 +130,7 @@ def test_a_list_is_not_feedback_on_its_own_trigger() -> None:
 def test_events_with_no_recommendation_in_force() -> None:
     ex = one(PendingRecs(), ev("e1", 10, "a"))
     assert (ex.rec_id, ex.recommended, ex.taken, ex.ignored) == (None, (), (), ())
+    assert ex.outcome == "none"
     assert ex.target == "a" and ex.history == HIST
     # No history and no list: nothing to learn, no example.
     pending, examples = PendingRecs().on_event(ev("e2", 10, "a"), (), HORIZON)
