@@ -9,7 +9,6 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from typing import Any
 
 import faust
@@ -19,7 +18,7 @@ from agents.infer import TopicMirror, read_catalog
 from agents.internals import bind_event
 from streamrec.errors import InvalidMessage
 from streamrec.events import ADAPTER_KEY, Event, Recommendation, parse
-from streamrec.feedback import FeedbackExample, FeedbackUser
+from streamrec.feedback import FeedbackExample, FeedbackUser, Mark, is_fresh
 from streamrec.feedback_store import ExampleStore
 from streamrec.metrics import (
     ADAPTER_PROMOTED,
@@ -125,7 +124,7 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
     import peft  # noqa: F401
 
     from streamrec.model import set_threads
-    from streamrec.online import Cursor, append_increment, run_increment
+    from streamrec.online import Cursor, advance, append_increment, run_increment
 
     set_threads(settings.model.threads)
 
@@ -138,10 +137,24 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
     state: dict[str, Any] = {"running": False, "lag": [], "seq": 0, "announced": False}
 
-    def increment(since: datetime | None) -> Any:
-        examples = list(store.examples())
+    def increment(mark: Mark) -> tuple[Any, Mark]:
+        arrived = store.by_arrival()
+        seq = {a.example.event_id: a.seq for a in arrived}
         state["seq"] += 1
-        return run_increment(settings, read_catalog(catalog.values), examples, since, registry, seed=state["seq"])
+        result = run_increment(
+            settings,
+            read_catalog(catalog.values),
+            [a.example for a in arrived],
+            lambda e: is_fresh(seq[e.event_id], e, mark, cfg.since),
+            registry,
+            seed=state["seq"],
+        )
+        return result, advance(mark, [a.seq for a in arrived], result)
+
+    def fresh_count(mark: Mark) -> int:
+        if mark.arrival is None and mark.through is not None:  # a cursor from before arrival numbers
+            return store.count_since(max(mark.through, cfg.since) if cfg.since else mark.through)
+        return store.count_arrived_after(mark.arrival or 0, cfg.since)
 
     async def announce_current() -> None:
         """Announce the registry's CURRENT once at start: a crash between a promotion and its
@@ -160,24 +173,24 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
             return
         if not state["announced"]:
             await announce_current()
-        since = cursor.get()
+        mark = cursor.get()
         loop = asyncio.get_running_loop()
-        fresh = await loop.run_in_executor(None, store.count_since, since)
+        fresh = await loop.run_in_executor(None, fresh_count, mark)
         if fresh < cfg.min_new_examples + cfg.holdout or not catalog.values:
             log.info("trainer: %d new examples (need %d + %d held out)", fresh, cfg.min_new_examples, cfg.holdout)
             return
         state["running"] = True
         started = time.monotonic()
-        log.info("trainer: increment starts on %d new examples (since %s)", fresh, since)
+        log.info("trainer: increment starts on %d new examples (after arrival %s)", fresh, mark.arrival)
         try:
-            result = await loop.run_in_executor(executor, increment, since)
+            result, after = await loop.run_in_executor(executor, increment, mark)
         except Exception:
             log.exception("trainer: the increment failed; the adapter in service stays")
             return
         finally:
             state["running"] = False
         INCREMENT_SECONDS.observe(time.monotonic() - started)
-        cursor.set(result.through)
+        cursor.set(after)
         decision = result.decision
         GATE_DECISIONS.labels(decision="accepted" if decision.accepted else "refused").inc()
         append_increment(settings, result)

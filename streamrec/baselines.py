@@ -220,13 +220,20 @@ class Blend:
             out.append(self._dist(row))
         return out[0], out[1]
 
-    def refit(self, sequences: Mapping[str, Sequence[HistoryItem]], items: Iterable[str]) -> Blend:
-        """The same signals and weights fitted again on `sequences` (per user, oldest first): what an
-        online increment ships with its adapter, so the served neighbourhoods follow the stream."""
+    def refit(
+        self,
+        sequences: Mapping[str, Sequence[HistoryItem]],
+        items: Iterable[str],
+        weights: tuple[float, float] | None = None,
+    ) -> Blend:
+        """The same signals fitted again on `sequences` (per user, oldest first), with the same weights
+        or new `weights` (w_knn, w_markov): what an online increment ships with its adapter, so the
+        served neighbourhoods follow the stream."""
         knn = self.knn.like().fit(sequences, items)
         markov = Markov().fit(sequences, items)
         assert isinstance(knn, ItemKNN) and isinstance(markov, Markov)
-        return Blend(knn, markov, self.w_knn, self.w_markov)
+        w_knn, w_markov = weights if weights is not None else (self.w_knn, self.w_markov)
+        return Blend(knn, markov, w_knn, w_markov)
 
     def mix(self, p_model: FloatArray, p_knn: FloatArray, p_markov: FloatArray) -> FloatArray:
         w = 1.0 - self.w_knn - self.w_markov

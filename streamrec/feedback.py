@@ -5,7 +5,7 @@ agent calls these and stores the values they return."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
@@ -214,36 +214,57 @@ class TrainSplit(NamedTuple):
 
 def split_fresh_replay(
     buffer: FeedbackBuffer | Sequence[FeedbackExample],
-    since_ts: datetime | None,
+    fresh: Callable[[FeedbackExample], bool] | None,
     replay_share: float,
     rng: random.Random | int,
     *,
     holdout: int,
 ) -> TrainSplit:
-    """Split for one online increment.
+    """Split for one online increment. `buffer` is in ARRIVAL order (the order the examples were
+    stored, which is event-time order only when nothing came late).
 
-    holdout: the `holdout` most recent examples, kept for the gate and never trained on.
-    train: every other example newer than `since_ts` (fresh; all of them when `since_ts` is None)
-    plus a uniform sample of older ones (replay) sized so that replay makes up `replay_share` of the
-    training set (0.5: as many old as fresh), or fewer when not enough old ones exist. Both lists
-    are in time order; shuffle for training. Deterministic for a given `rng` state or seed."""
+    holdout: the `holdout` most recent arrivals, kept for the gate and never trained on; they come
+    after everything trained on, so the next increment's fresh examples start with them.
+    train: every other example `fresh` accepts (all of them when `fresh` is None) plus a uniform
+    sample of the rest (replay) sized so that replay makes up `replay_share` of the training set
+    (0.5: as many old as fresh), or fewer when not enough old ones exist. Both lists are in event-time
+    order; shuffle for training. Deterministic for a given `rng` state or seed."""
     if not 0.0 <= replay_share < 1.0:
         raise ValueError("replay_share must be in [0, 1)")
     if holdout < 0:
         raise ValueError("holdout must not be negative")
-    examples = sorted(buffer.examples if isinstance(buffer, FeedbackBuffer) else buffer, key=example_order)
+    examples = list(buffer.examples if isinstance(buffer, FeedbackBuffer) else buffer)
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     cut = len(examples) - min(holdout, len(examples))
     rest, held = examples[:cut], examples[cut:]
-    if since_ts is None:
-        old, fresh = [], rest
+    if fresh is None:
+        old, new = [], rest
     else:
-        since = since_ts.timestamp()
-        old = [e for e in rest if e.ts.timestamp() <= since]
-        fresh = [e for e in rest if e.ts.timestamp() > since]
-    wanted = round(len(fresh) * replay_share / (1.0 - replay_share))
+        old = [e for e in rest if not fresh(e)]
+        new = [e for e in rest if fresh(e)]
+    wanted = round(len(new) * replay_share / (1.0 - replay_share))
     replay = rng.sample(old, min(wanted, len(old)))
-    return TrainSplit(train=sorted([*replay, *fresh], key=example_order), holdout=held)
+    return TrainSplit(train=sorted([*replay, *new], key=example_order), holdout=sorted(held, key=example_order))
+
+
+class Mark(NamedTuple):
+    """How far the trainer has consumed the feedback store: `arrival`, the arrival number it has
+    trained through (None before the first increment that recorded one); `through`, the newest event
+    time trained on; `fresh_total`, how many fresh examples it has consumed in all."""
+
+    arrival: int | None = None
+    through: datetime | None = None
+    fresh_total: int = 0
+
+
+def is_fresh(seq: int, example: FeedbackExample, mark: Mark, floor: datetime | None) -> bool:
+    """Fresh: arrived after the mark (or, with no arrival number recorded yet, newer in event time
+    than the mark), and newer than `floor` (examples before it only ever serve as replay)."""
+    if floor is not None and example.ts <= floor:
+        return False
+    if mark.arrival is not None:
+        return seq > mark.arrival
+    return mark.through is None or example.ts > mark.through
 
 
 class FeedbackUser(BaseModel):

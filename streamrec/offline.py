@@ -68,6 +68,22 @@ def tuned_itemknn(split: Split, items: Sequence[str], log: Callable[[str], None]
     return knn
 
 
+def blend_weights(
+    rec: Recommender, blend: Blend, requests: Sequence[RecRequest], targets: Sequence[str]
+) -> tuple[float, float, float]:
+    """(w_knn, w_markov, NDCG@10) of `blend`'s signals mixed with `rec`'s model (as it is now, without
+    a blend) on `requests`, whose next items are `targets`: see `fit_blend_weights`."""
+    items = rec.single_token_items
+    cols = {item: c for c, item in enumerate(items)}
+    p_model = np.exp(rec.item_log_probs(requests))
+    sig = [blend.signals([h.item_id for h in r.history], items) for r in requests]
+    p_knn = np.stack([s[0] for s in sig])
+    p_markov = np.stack([s[1] for s in sig])
+    tcols = [cols.get(t, 0) for t in targets]
+    banned = [[cols[i] for i in r.exclude if i in cols] for r in requests]
+    return fit_blend_weights(p_model, p_knn, p_markov, tcols, banned)
+
+
 def compare(
     rec: Recommender,
     split: Split,
@@ -108,14 +124,7 @@ def compare(
         if len(val_users) > BLEND_USERS:
             val_users = sorted(random.Random(0).sample(val_users, BLEND_USERS))
         val = requests_for(split, "valid", val_users)
-        cols = {item: c for c, item in enumerate(rec.single_token_items)}
-        p_model = np.exp(rec.item_log_probs(val))
-        sig = [b.signals([h.item_id for h in r.history], rec.single_token_items) for r in val]
-        p_knn = np.stack([s[0] for s in sig])
-        p_markov = np.stack([s[1] for s in sig])
-        tcols = [cols.get(split.valid[u].item_id, 0) for u in val_users]
-        banned = [[cols[i] for i in r.exclude if i in cols] for r in val]
-        b.w_knn, b.w_markov, ndcg = fit_blend_weights(p_model, p_knn, p_markov, tcols, banned)
+        b.w_knn, b.w_markov, ndcg = blend_weights(rec, b, val, [split.valid[u].item_id for u in val_users])
         log(f"blend weights on validation: item-kNN {b.w_knn}, Markov {b.w_markov} (NDCG@10 {ndcg:.4f})")
         rec.set_blend(b)
         if save_blend is not None:

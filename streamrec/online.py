@@ -22,7 +22,7 @@ from typing import Any
 
 from streamrec.catalog import Catalog
 from streamrec.errors import ModelError
-from streamrec.feedback import FeedbackExample, example_order, split_fresh_replay, user_sequences
+from streamrec.feedback import FeedbackExample, Mark, example_order, split_fresh_replay, user_sequences
 from streamrec.gate import GateDecision, decide, holdout_metrics
 from streamrec.instructions import RecRequest, excluded, task_for
 from streamrec.registry import BLEND, AdapterRegistry, Manifest
@@ -39,8 +39,10 @@ class Increment:
     fresh: int
     replay: int
     holdout: int
-    through: datetime | None  # the newest example trained on: the next increment's `since`
+    through: datetime | None  # the newest event time trained on
     parent: str | None
+    consumed: int = 0  # the leading arrivals this increment used up (all but the held-out ones)
+    consumed_fresh: int = 0  # the fresh ones among them
     manifest: Manifest | None = None
     seconds: float = 0.0
     train_seconds: float = 0.0
@@ -52,6 +54,7 @@ class Increment:
             "fresh": self.fresh,
             "replay": self.replay,
             "holdout": self.holdout,
+            "consumed_fresh": self.consumed_fresh,
             "through": None if self.through is None else self.through.isoformat(),
             "parent": self.parent,
             "version": None if self.manifest is None else self.manifest.version,
@@ -83,27 +86,47 @@ def read_increments(settings: Settings) -> list[dict[str, Any]]:
 
 
 class Cursor:
-    """The newest example time the last increment trained on, kept on disk: after a restart the
-    trainer goes on from there instead of treating every stored example as fresh."""
+    """How far the trainer has consumed the feedback store (a `Mark`), kept on disk: after a restart
+    the trainer goes on from there instead of treating every stored example as fresh. Files written
+    before arrival numbers hold only `through`; the first increment after an upgrade then goes by
+    event time, once."""
 
     def __init__(self, settings: Settings) -> None:
         self.path = settings.data_dir / CURSOR_FILE
-        self.floor = settings.online.since
 
-    def get(self) -> datetime | None:
+    def get(self) -> Mark:
         try:
-            stored = json.loads(self.path.read_text())["through"]
-        except (FileNotFoundError, KeyError, json.JSONDecodeError):
-            return self.floor
-        value = None if stored is None else datetime.fromisoformat(stored)
-        if value is None or (self.floor is not None and value < self.floor):
-            return self.floor
-        return value
+            stored = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return Mark()
+        through = stored.get("through")
+        return Mark(
+            arrival=stored.get("arrival"),
+            through=None if through is None else datetime.fromisoformat(through),
+            fresh_total=int(stored.get("fresh_total", 0)),
+        )
 
-    def set(self, value: datetime | None) -> None:
+    def set(self, mark: Mark) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"through": None if value is None else value.isoformat()}))
+        record = {
+            "arrival": mark.arrival,
+            "through": None if mark.through is None else mark.through.isoformat(),
+            "fresh_total": mark.fresh_total,
+        }
+        tmp.write_text(json.dumps(record))
         tmp.replace(self.path)
+
+
+def advance(mark: Mark, arrived: Sequence[int], result: Increment) -> Mark:
+    """The mark after `result`: through the last arrival it consumed (the held-out ones stay fresh
+    for the next increment). `arrived` are the arrival numbers of the examples it was given."""
+    last = arrived[result.consumed - 1] if result.consumed else None
+    through = max((t for t in (mark.through, result.through) if t is not None), default=None)
+    return Mark(
+        arrival=max(last, mark.arrival or 0) if last is not None else mark.arrival,
+        through=through,
+        fresh_total=mark.fresh_total + result.consumed_fresh,
+    )
 
 
 def score(rec: Any, examples: Sequence[FeedbackExample], exclude_seen: bool) -> dict[str, float]:
@@ -115,32 +138,66 @@ def score(rec: Any, examples: Sequence[FeedbackExample], exclude_seen: bool) -> 
 
 
 def cap(
-    train: Sequence[FeedbackExample], since: datetime | None, most: int, replay_share: float, rng: random.Random
+    train: Sequence[FeedbackExample],
+    fresh: Callable[[FeedbackExample], bool] | None,
+    most: int,
+    replay_share: float,
+    rng: random.Random,
 ) -> list[FeedbackExample]:
     """At most `most` training examples with the replay share kept: the newest fresh ones, and a
     sample of the replayed (older) ones in proportion. Time order."""
     if len(train) <= most:
         return list(train)
-    fresh = [e for e in train if since is None or e.ts > since]
-    old = [e for e in train if since is not None and e.ts <= since]
+    new = [e for e in train if fresh is None or fresh(e)]
+    old = [e for e in train if fresh is not None and not fresh(e)]
     # Replay takes its share when there is enough of it; fresh examples fill the rest.
     keep_old = rng.sample(old, min(len(old), round(most * replay_share)))
-    keep_fresh = fresh[len(fresh) - min(len(fresh), most - len(keep_old)) :]
+    keep_fresh = new[len(new) - min(len(new), most - len(keep_old)) :]
     return sorted([*keep_old, *keep_fresh], key=example_order)
+
+
+def refit_weights(
+    rec: Any,
+    kept: Sequence[FeedbackExample],
+    train: Sequence[FeedbackExample],
+    fresh: Callable[[FeedbackExample], bool] | None,
+    nameable: set[str],
+    settings: Settings,
+) -> tuple[float, float] | None:
+    """New (w_knn, w_markov) for the blend, or None to keep its weights. Chosen on the newest fresh
+    examples (`tune`) by the model in service, which has not trained on them, mixed with statistics
+    refitted on everything else in `kept` (the store but the hold-out): nothing sees its own targets,
+    so the weights are what the next stretch of traffic will meet."""
+    from streamrec.offline import blend_weights
+
+    cfg = settings.online
+    tune = [e for e in train if (fresh is None or fresh(e)) and e.target in nameable][-cfg.weights_examples :]
+    if len(tune) < cfg.weights_examples // 5:
+        return None
+    skip = {e.event_id for e in tune}
+    stats = rec.blend.refit(user_sequences(e for e in kept if e.event_id not in skip), rec.catalog.ids)
+    requests = [RecRequest(e.history, excluded(e.history, settings.serve.exclude_seen)) for e in tune]
+    w_knn, w_markov, ndcg = blend_weights(rec, stats, requests, [e.target for e in tune])
+    log.info(
+        "blend weights on %d fresh examples: item-kNN %s, Markov %s (NDCG@10 %.4f)", len(tune), w_knn, w_markov, ndcg
+    )
+    return w_knn, w_markov
 
 
 def run_increment(
     settings: Settings,
     catalog: Catalog,
     examples: Sequence[FeedbackExample],
-    since: datetime | None,
+    fresh: Callable[[FeedbackExample], bool] | None,
     registry: AdapterRegistry,
     *,
     seed: int = 0,
     target_transform: Callable[[list[FeedbackExample]], list[FeedbackExample]] | None = None,
 ) -> Increment:
-    """Train, gate and (when it passes) register and promote one adapter. `target_transform` lets a
-    drill corrupt the training examples (a deliberately bad adapter must be refused)."""
+    """Train, gate and (when it passes) register and promote one adapter. `examples` are the store's,
+    in arrival order; `fresh` says which are new since the last increment (None: all of them).
+    `target_transform` lets a drill corrupt the training examples (a deliberately bad adapter must be
+    refused)."""
     from streamrec.generation import adapter_blend, load_recommender
     from streamrec.model import Trainer, seed_everything
 
@@ -148,12 +205,13 @@ def run_increment(
     cfg = settings.online
     rng = random.Random(seed)
     seed_everything(seed)
-    split = split_fresh_replay(examples, since, cfg.replay_share, rng, holdout=cfg.holdout)
-    train = cap(split.train, since, cfg.max_train_examples, cfg.replay_share, rng)
-    fresh_n = sum(1 for e in train if since is None or e.ts > since)
+    split = split_fresh_replay(examples, fresh, cfg.replay_share, rng, holdout=cfg.holdout)
+    consumed_fresh = sum(1 for e in split.train if fresh is None or fresh(e))
+    train = cap(split.train, fresh, cfg.max_train_examples, cfg.replay_share, rng)
+    fresh_n = sum(1 for e in train if fresh is None or fresh(e))
     if target_transform is not None:
         train = target_transform(list(train))
-    through = max((e.ts for e in split.train), default=since)
+    through = max((e.ts for e in split.train), default=None)
 
     # The base model plus the adapter in service, trainable: the increment continues from it.
     rec = load_recommender(settings, catalog)
@@ -172,10 +230,16 @@ def run_increment(
     exclude_seen = settings.serve.exclude_seen
     rec.model.eval()
     before = score(rec, split.holdout, exclude_seen)
+    nameable = set(rec.trie_items)
+    held = {e.event_id for e in split.holdout}
+    weights = None
+    if cfg.refit_blend and cfg.refit_weights and rec.blend is not None:
+        weights = refit_weights(
+            rec, [e for e in examples if e.event_id not in held], split.train, fresh, nameable, settings
+        )
 
     # Training pairs: the same templates as the bootstrap, sampled per example; targets the model
     # cannot name (unavailable or unknown items) are skipped.
-    nameable = set(rec.trie_items)
     pairs = [
         (rec.instructions.sample(e.history, task_for(e.target_item), rec.names, rec.texts, rng), e.target)
         for e in train
@@ -201,11 +265,11 @@ def run_increment(
     trainer.train_mode(False)
     train_seconds = time.monotonic() - train_started
     # The blend follows the stream too: its statistics, refitted on every stored example but the
-    # held-out ones, with the weights chosen at bootstrap.
+    # held-out ones, with the weights chosen above (or kept).
     blend = None
     if cfg.refit_blend and rec.blend is not None:
-        held = {e.event_id for e in split.holdout}
-        blend = rec.blend.refit(user_sequences(e for e in examples if e.event_id not in held), catalog.ids)
+        kept = user_sequences(e for e in examples if e.event_id not in held)
+        blend = rec.blend.refit(kept, catalog.ids, weights)
         rec.set_adapter_blend(blend)
     after = score(rec, split.holdout, exclude_seen)
 
@@ -218,6 +282,8 @@ def run_increment(
         replay=len(train) - fresh_n,
         holdout=len(split.holdout),
         through=through,
+        consumed=len(examples) - len(split.holdout),
+        consumed_fresh=consumed_fresh,
         parent=parent,
         train_seconds=train_seconds,
         losses=losses,

@@ -7,7 +7,6 @@ force when it was sent."""
 
 from __future__ import annotations
 
-import bisect
 import json
 import shutil
 import time
@@ -115,26 +114,24 @@ class RecWatcher:
 class Pace:
     """Time compression with a trainer in the loop. A replay sends in minutes what took months, so
     unpaced it would outrun the trainer and measure little but its speed. At the real event rate
-    the trainer keeps up: the replay waits while more than `lead` sent events are newer than what
-    the trainer last trained on (its cursor), at most `patience_s` per wait."""
+    the trainer keeps up: the replay waits while more than `lead` sent events that make a training
+    example (every event but a user's first) are not yet consumed by the trainer (its cursor's
+    `fresh_total`), at most `patience_s` per wait."""
 
     def __init__(self, settings: Settings, lead: int, log: Log, patience_s: float = 900.0) -> None:
         self.cursor = Cursor(settings)
         self.lead, self.log, self.patience_s = lead, log, patience_s
-        self.times: list[float] = []  # event times sent, sorted
+        self.examples = 0  # sent events that make a training example
         self.open = True
         self.waiting_since: float | None = None
         self.checked = 0.0
         self.waited = 0.0
 
-    def sent(self, ts: datetime) -> None:
-        bisect.insort(self.times, ts.timestamp())
+    def sent(self, makes_example: bool) -> None:
+        self.examples += makes_example
 
     def ahead(self) -> int:
-        through = self.cursor.get()
-        if through is None:
-            return len(self.times)
-        return len(self.times) - bisect.bisect_right(self.times, through.timestamp())
+        return self.examples - self.cursor.get().fresh_total
 
     def may_send(self, in_flight: int) -> bool:
         """Whether new steps may go now (checked at most every 0.2 s; the cursor is a file)."""
@@ -151,7 +148,7 @@ class Pace:
             self.waiting_since = now
         elif now - self.waiting_since > self.patience_s:
             self.log(f"the trainer has not moved for {self.patience_s:.0f}s: replaying on without it")
-            self.lead = len(self.times) + 10**9
+            self.lead = self.examples + 10**9
             self.open = True
         return self.open
 
@@ -242,6 +239,7 @@ def run_mode(
             index = 0
             lead = 2 * (settings.online.min_new_examples + settings.online.holdout)
             pace = Pace(settings, lead=lead, log=log) if mode == "online" else None
+            active = set(users)  # users with an event sent so far
             bar = tqdm(total=len(the_plan.replayed), desc=f"{mode}: replay", unit="event", leave=False)
             for w, window in enumerate(the_plan.windows):
                 events = [to_event(e, offset + index + n) for n, e in enumerate(window)]
@@ -269,7 +267,8 @@ def run_mode(
                             )
                             send(events[n])
                             if pace is not None:
-                                pace.sent(events[n].ts)
+                                pace.sent(user in active)  # a user's first event makes no example
+                            active.add(user)
                         in_flight[user] = (events[step[-1]].event_id, len(step), time.monotonic())
                     prod.flush()
                     watcher.poll(20)

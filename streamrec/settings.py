@@ -216,6 +216,17 @@ class OnlineSettings(_Section):
         description="Each increment also refits the blend's item-kNN / Markov statistics on the feedback store "
         "and ships them with the adapter (gated together).",
     )
+    refit_weights: bool = Field(
+        default=True,
+        description="With refit_blend, also choose the blend's weights again, on the newest fresh examples "
+        "(statistics fitted without them, the model in service: nothing it has trained on).",
+    )
+    weights_examples: int = Field(
+        default=1000,
+        ge=50,
+        description="Newest fresh examples the blend's weights are chosen on; with fewer than a fifth of "
+        "that, the weights stay.",
+    )
     interval_s: float = Field(default=300.0, gt=0, description="How often the trainer looks for new examples.")
     min_new_examples: int = Field(default=1000, ge=1, description="New examples needed before an increment runs.")
     replay_share: float = Field(
@@ -238,7 +249,7 @@ class OnlineSettings(_Section):
     )
     since: datetime | None = Field(
         default=None,
-        description="Examples before this event time count as old (replay-only) until the first increment.",
+        description="Examples at or before this event time are never fresh: they only serve as replay.",
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -12,7 +13,9 @@ from streamrec.events import Event, ModelVersion, Recommendation, RecommendedIte
 from streamrec.feedback import (
     FeedbackBuffer,
     FeedbackExample,
+    Mark,
     PendingRecs,
+    is_fresh,
     split_fresh_replay,
     user_sequences,
 )
@@ -211,12 +214,16 @@ def test_buffer_keeps_newest_by_event_time_without_duplicates() -> None:
     assert buf.append([example("old", -5)]).examples == buf.examples
 
 
+def newer_than(seconds: float) -> Callable[[FeedbackExample], bool]:
+    return lambda e: e.ts > at(seconds)
+
+
 def fresh_buffer() -> FeedbackBuffer:
     return FeedbackBuffer(capacity=100).append(example(f"e{n:02d}", n) for n in range(40))
 
 
 def test_split_holds_out_the_newest_and_trains_on_fresh_plus_replay() -> None:
-    train, holdout = split_fresh_replay(fresh_buffer(), at(19), 0.5, random.Random(0), holdout=10)
+    train, holdout = split_fresh_replay(fresh_buffer(), newer_than(19), 0.5, random.Random(0), holdout=10)
     assert [e.event_id for e in holdout] == [f"e{n}" for n in range(30, 40)]
     fresh = [e for e in train if e.ts > at(19)]
     replay = [e for e in train if e.ts <= at(19)]
@@ -230,15 +237,43 @@ def test_split_is_deterministic_for_a_seed_and_varies_across_seeds() -> None:
     buf = fresh_buffer()
 
     def replayed(seed: int) -> list[str]:
-        train, _ = split_fresh_replay(buf, at(29), 0.5, seed, holdout=5)
+        train, _ = split_fresh_replay(buf, newer_than(29), 0.5, seed, holdout=5)
         return [e.event_id for e in train if e.ts <= at(29)]
 
     assert replayed(1) == replayed(1)
     assert len(replayed(1)) == 5
     assert len({tuple(replayed(s)) for s in range(10)}) > 1
-    a = split_fresh_replay(buf, at(29), 0.5, random.Random(7), holdout=5)
-    b = split_fresh_replay(buf, at(29), 0.5, random.Random(7), holdout=5)
+    a = split_fresh_replay(buf, newer_than(29), 0.5, random.Random(7), holdout=5)
+    b = split_fresh_replay(buf, newer_than(29), 0.5, random.Random(7), holdout=5)
     assert a == b
+
+
+def test_split_goes_by_arrival_so_a_late_example_is_trained_when_it_arrives() -> None:
+    on_time = [example(f"e{n:02d}", n) for n in range(20)]
+    late = example("late", 5)  # happened at 5, arrived after e19
+    arrived = [*on_time, late]
+    seq = {e.event_id: n + 1 for n, e in enumerate(arrived)}
+    # The last increment consumed arrivals 1..15 (e00..e14): e15..e19 and the late one are fresh,
+    # although the late one is older than everything trained on.
+    mark = Mark(arrival=15, through=at(14))
+    fresh = lambda e: is_fresh(seq[e.event_id], e, mark, None)  # noqa: E731
+    train, holdout = split_fresh_replay(arrived, fresh, 0.0, 0, holdout=2)
+    assert [e.event_id for e in holdout] == ["late", "e19"]  # the last arrivals, in event-time order
+    assert [e.event_id for e in train] == ["e15", "e16", "e17", "e18"]
+    train, holdout = split_fresh_replay(arrived, fresh, 0.0, 0, holdout=0)
+    assert [e.event_id for e in train] == ["late", "e15", "e16", "e17", "e18", "e19"]
+    # By event time the late example would never be fresh: that was the bug this order fixes.
+    assert not is_fresh(seq["late"], late, Mark(through=at(14)), None)
+
+
+def test_freshness_rules() -> None:
+    e = example("e", 10)
+    assert is_fresh(8, e, Mark(), None)  # nothing consumed yet
+    assert is_fresh(8, e, Mark(arrival=7), None) and not is_fresh(7, e, Mark(arrival=7), None)
+    # A floor (the end of a bootstrap) keeps older examples replay-only, whatever their arrival.
+    assert not is_fresh(8, e, Mark(arrival=7), at(10)) and is_fresh(8, e, Mark(arrival=7), at(9))
+    # A cursor written before arrival numbers: event time decides, once.
+    assert is_fresh(1, e, Mark(through=at(9)), None) and not is_fresh(99, e, Mark(through=at(10)), None)
 
 
 def test_split_edges() -> None:
@@ -247,10 +282,10 @@ def test_split_edges() -> None:
     train, holdout = split_fresh_replay(buf, None, 0.5, 0, holdout=10)
     assert len(train) == 30 and len(holdout) == 10
     # No replay asked for.
-    train, _ = split_fresh_replay(buf, at(34), 0.0, 0, holdout=0)
+    train, _ = split_fresh_replay(buf, newer_than(34), 0.0, 0, holdout=0)
     assert [e.event_id for e in train] == [f"e{n}" for n in range(35, 40)]
     # More replay wanted than exists: all old examples, no more.
-    train, _ = split_fresh_replay(buf, at(1), 0.9, 0, holdout=0)
+    train, _ = split_fresh_replay(buf, newer_than(1), 0.9, 0, holdout=0)
     assert len(train) == 40
     # A hold-out larger than the buffer takes everything; nothing is left to train on.
     train, holdout = split_fresh_replay(buf, None, 0.5, 0, holdout=100)

@@ -128,3 +128,68 @@ def test_survives_close_and_reopen(tmp_path: Path) -> None:
         assert ids(store) == ["e8", "e9", "e10"] and len(store) == 3
     finally:
         store.close()
+
+
+def arrivals(store: ExampleStore) -> list[tuple[int, str]]:
+    return [(a.seq, a.example.event_id) for a in store.by_arrival()]
+
+
+def test_arrival_numbers_follow_the_order_of_first_storing(store: ExampleStore) -> None:
+    store.put_many([example("b", 20), example("a", 10)])
+    store.put_many([example("late", 5), example("a", 10)])  # a redelivery keeps its first number
+    assert arrivals(store) == [(1, "b"), (2, "a"), (3, "late")] and store.last_arrival == 3
+    assert ids(store) == ["late", "a", "b"]  # event-time reads are unchanged
+    # What arrived after number 1, and of that what happened after the floor.
+    assert store.count_arrived_after(1) == 2 and store.count_arrived_after(3) == 0
+    assert store.count_arrived_after(1, floor=at(5)) == 1 and store.count_arrived_after(0, floor=at(5)) == 2
+
+
+def test_arrival_numbers_survive_a_reopen_and_go_on(tmp_path: Path) -> None:
+    path = tmp_path / "feedback"
+    store = ExampleStore(path, capacity=10)
+    store.put_many([example("x", 3), example("y", 1)])
+    store.close()
+    store = ExampleStore(path, capacity=10)
+    try:
+        store.put_many([example("z", 2)])
+        assert arrivals(store) == [(1, "x"), (2, "y"), (3, "z")]
+    finally:
+        store.close()
+
+
+def test_trimming_drops_examples_and_arrival_numbers_beyond_capacity(tmp_path: Path) -> None:
+    store = ExampleStore(tmp_path / "small", capacity=3)
+    try:
+        store.put_many([example(f"e{n}", n) for n in (5, 6, 7)])
+        store.put_many([example("old", 1)])  # stored, then trimmed as the oldest by event time
+        assert ids(store) == ["e5", "e6", "e7"]
+        # Numbers are kept for the newest 3 arrivals: e5's went (it is unnumbered now, 0), and "old"
+        # keeps a number for an example no longer held, which nothing counts.
+        assert arrivals(store) == [(0, "e5"), (2, "e6"), (3, "e7")]
+        assert store.count_arrived_after(0) == 2 and store.count_arrived_after(3) == 0
+        store.put_many([example(f"n{n}", 10 + n) for n in range(3)])
+        assert arrivals(store) == [(5, "n0"), (6, "n1"), (7, "n2")]
+        assert store.count_arrived_after(4) == 3 and store.count_arrived_after(0) == 3
+    finally:
+        store.close()
+
+
+def test_a_store_from_before_arrival_numbers_is_numbered_in_event_time_order(tmp_path: Path) -> None:
+    from rocksdict import Options, Rdict
+
+    from streamrec.feedback_store import example_key
+
+    path = tmp_path / "legacy"
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    db = Rdict(str(path), opts)  # the layout before: the default family only
+    for e in (example("b", 2), example("a", 1)):
+        db[example_key(e)] = e.to_bytes()
+    db.close()
+    store = ExampleStore(path, capacity=10)
+    try:
+        assert arrivals(store) == [(1, "a"), (2, "b")]
+        store.put_many([example("c", 0)])
+        assert arrivals(store)[-1] == (3, "c") and store.count_arrived_after(2) == 1
+    finally:
+        store.close()

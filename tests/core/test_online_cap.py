@@ -22,13 +22,13 @@ def examples(n: int) -> list[FeedbackExample]:
 
 def test_under_the_cap_nothing_changes() -> None:
     train = examples(10)
-    assert cap(train, T0 + timedelta(seconds=4), 10, 0.5, random.Random(0)) == train
+    assert cap(train, lambda e: e.ts > T0 + timedelta(seconds=4), 10, 0.5, random.Random(0)) == train
 
 
 def test_the_cap_keeps_the_newest_fresh_and_the_replay_share() -> None:
     train = examples(1000)  # 0..299 old, 300..999 fresh
     since = T0 + timedelta(seconds=299)
-    kept = cap(train, since, 100, 0.3, random.Random(0))
+    kept = cap(train, lambda e: e.ts > since, 100, 0.3, random.Random(0))
     fresh = [e for e in kept if e.ts > since]
     old = [e for e in kept if e.ts <= since]
     assert len(kept) == 100 and len(fresh) == 70 and len(old) == 30

@@ -26,6 +26,7 @@ from walks import CATALOG_ITEMS, ITEMS, walk
 from streamrec.broker import create_topics, free_port
 from streamrec.feedback_store import ExampleStore
 from streamrec.generation import tiny_dir
+from streamrec.online import Cursor
 from streamrec.registry import AdapterRegistry
 from streamrec.runner import stop_process, wait_caught_up
 from streamrec.settings import Settings, registry_root
@@ -106,6 +107,19 @@ def wait_until(check: Any, what: str, timeout: float, procs: list[Any]) -> Any:
         time.sleep(1)
 
 
+def settled(read: Any, procs: list[Any], quiet_s: float = 3.0) -> Any:
+    """`read()` once it has not changed for `quiet_s` (a purchase and the clicks before it come on
+    two topics, so how many examples the traffic made is known only once the agent has read it all)."""
+    value, since = read(), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        time.sleep(0.5)
+        now = read()
+        if now != value:
+            value, since = now, time.monotonic()
+        assert all(p.poll() is None for p in procs), "a worker died"
+    return value
+
+
 def test_trainer_promotes_an_adapter_the_inference_worker_serves_while_staying_responsive(
     make_settings: Any, tmp_path: Path, walk_model: Path
 ) -> None:
@@ -174,6 +188,19 @@ def test_trainer_promotes_an_adapter_the_inference_worker_serves_while_staying_r
         assert {r.model.adapter for r in recommendations(settings)} <= promoted | {None}
         chain = {m.version: m.parent for m in registry.versions()}
         assert all(parent is None or parent in chain for parent in chain.values())
+
+        # Late events (older than everything trained on) are fresh when they arrive. The trainer
+        # ends up having consumed more examples than all on-time traffic made: once 60 are pending
+        # it consumes all but the 20 newest arrivals. Going by event time it could never count a
+        # late one.
+        cursor = Cursor(train_settings)
+        on_time = settled(lambda: metric(port, "streamrec_feedback_store_examples"), workers)
+        late = [click(f"late{u:02d}", n, f"i{(u + n) % ITEMS}", n * 60 + u) for n in range(4) for u in range(users)]
+        assert max(e["ts"] for e in late) < cursor.get().through.isoformat()  # type: ignore[union-attr]
+        send_raw(settings, [as_raw(settings, e) for e in late])
+        stored = on_time + len(late) - users  # all clicks: every event but a late user's first
+        wait_until(lambda: metric(port, "streamrec_feedback_store_examples") >= stored, "late examples", 60, workers)
+        wait_until(lambda: cursor.get().fresh_total > on_time, "an increment on late examples", 300, workers)
 
         # The train worker answered throughout, its event loop never stalled on training.
         probe.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from walks import CATALOG_ITEMS, ITEMS, walk
 
 from streamrec.baselines import Blend, ItemKNN, Markov
 from streamrec.catalog import Catalog
-from streamrec.feedback import FeedbackExample, split_fresh_replay, user_sequences
+from streamrec.feedback import FeedbackExample, Mark, is_fresh, split_fresh_replay, user_sequences
 from streamrec.instructions import HistoryItem
 from streamrec.registry import BLEND, AdapterRegistry, sha256_file
 from streamrec.settings import Settings, registry_root
@@ -25,7 +26,7 @@ from streamrec.settings import Settings, registry_root
 pytestmark = pytest.mark.model
 pytest.importorskip("torch")
 
-from streamrec.online import Increment, run_increment, score  # noqa: E402
+from streamrec.online import Increment, advance, run_increment, score  # noqa: E402
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 CATALOG = Catalog(CATALOG_ITEMS)
@@ -98,6 +99,12 @@ def check_promoted(result: Increment, registry: AdapterRegistry, parent: str | N
     return version
 
 
+def fresh_after(arrived: list[FeedbackExample], mark: Mark) -> Callable[[FeedbackExample], bool]:
+    """The trainer's rule, with `arrived` numbered 1.. in list order."""
+    seq = {e.event_id: n for n, e in enumerate(arrived, start=1)}
+    return lambda e: is_fresh(seq[e.event_id], e, mark, None)
+
+
 def test_increments_on_the_pattern_are_promoted_and_the_next_one_continues_the_first(
     tmp_path: Path, base: Path
 ) -> None:
@@ -114,7 +121,9 @@ def test_increments_on_the_pattern_are_promoted_and_the_next_one_continues_the_f
 
     # The next increment: the last hold-out plus new feedback are fresh, older examples replayed.
     both = first + feedback(150, 10_000, seed=2, prefix="b")
-    two = run_increment(settings, CATALOG, both, one.through, registry, seed=1)
+    mark = advance(Mark(), list(range(1, len(first) + 1)), one)  # arrival numbers 1..150
+    assert mark == Mark(arrival=110, through=first[109].ts, fresh_total=110)
+    two = run_increment(settings, CATALOG, both, fresh_after(both, mark), registry, seed=1)
     v2 = check_promoted(two, registry, parent=v1)
     assert v2 != v1 and [m.version for m in registry.versions()] == [v1, v2]
     assert (two.fresh, two.replay, two.holdout) == (150, 110, 40)
@@ -190,7 +199,8 @@ def test_an_increment_refits_the_blend_ships_it_under_the_manifest_and_the_next_
 
     # The next increment compares with v1 as served, its own blend included.
     both = first + walkers(15, 10, 10_000, seed=7, prefix="b")
-    two = run_increment(settings, CATALOG, both, one.through, registry, seed=1)
+    mark = advance(Mark(), list(range(1, len(first) + 1)), one)
+    two = run_increment(settings, CATALOG, both, fresh_after(both, mark), registry, seed=1)
     holdout = split_fresh_replay(both, None, 0.5, 0, holdout=40).holdout
     assert two.decision.current == pytest.approx(score(served_model(blended, registry, v1), holdout, False))
 
@@ -214,3 +224,53 @@ def test_an_increment_refits_the_blend_ships_it_under_the_manifest_and_the_next_
     np.testing.assert_array_equal(served.blend.knn.nbr_idx, shipped.knn.nbr_idx)
     worker.apply_adapter(registry.announcement(three.manifest))
     assert served.blend is served.base_blend and served.adapter_version == three.manifest.version
+
+
+def test_an_increment_chooses_the_blend_weights_again_on_fresh_examples_its_statistics_never_saw(
+    tmp_path: Path, base: Path
+) -> None:
+    # The model learned the walks forwards; users now walk them backwards. It is served as pure T5
+    # (weights 0, 0); refitted on the stream, the blend's signals know the new pattern, and the
+    # increment lets them in.
+    blended = tmp_path / "blended"
+    shutil.copytree(base, blended)
+    forward = {f"w{u}": [HistoryItem(i) for i in walk(u, 8)] for u in range(ITEMS)}
+    start = Blend(ItemKNN(recent=3, window=2).fit(forward, CATALOG.ids), Markov().fit(forward, CATALOG.ids), 0.0, 0.0)
+    start.save(str(blended / BLEND))
+    settings = make_settings(tmp_path / "data", blended, gate_tolerance=0.5, weights_examples=60)
+    registry = AdapterRegistry(registry_root(settings))
+    rng = random.Random(3)
+    seqs = [list(reversed(walk(rng.randrange(ITEMS), 14))) for _ in range(15)]
+    backwards = [
+        FeedbackExample(
+            event_id=f"b{u}-{t}",
+            user_id=f"user{u}",
+            history=tuple(HistoryItem(i, "click") for i in seqs[u][: t + 3]),
+            target=seqs[u][t + 3],
+            target_type="click",
+            ts=T0 + timedelta(seconds=t * 15 + u),
+        )
+        for t in range(11)
+        for u in range(15)
+    ]
+    one = run_increment(settings, CATALOG, backwards, None, registry)
+    v1 = check_promoted(one, registry, parent=None)
+    shipped = Blend.load(str(registry.path(v1) / BLEND))
+    assert shipped.w_knn + shipped.w_markov > 0, (shipped.w_knn, shipped.w_markov)
+
+    # By hand: the newest 60 trained-on examples, statistics from the other trained-on ones, the
+    # model before the increment (the base: a fresh LoRA changes nothing until trained).
+    from streamrec.generation import load_recommender
+    from streamrec.instructions import RecRequest, excluded
+    from streamrec.offline import blend_weights
+
+    split = split_fresh_replay(backwards, None, 0.5, 0, holdout=40)
+    tune = split.train[-60:]
+    rest = [e for e in split.train if e not in tune]
+    stats = start.refit(user_sequences(rest), CATALOG.ids)
+    model = load_recommender(settings, CATALOG)
+    requests = [RecRequest(e.history, excluded(e.history, settings.serve.exclude_seen)) for e in tune]
+    w_knn, w_markov, _ = blend_weights(model, stats, requests, [e.target for e in tune])
+    assert (shipped.w_knn, shipped.w_markov) == (w_knn, w_markov)
+    expected = start.refit(user_sequences(split.train), CATALOG.ids)
+    np.testing.assert_allclose(shipped.knn.nbr_sim, expected.knn.nbr_sim)
