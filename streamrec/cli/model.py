@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from streamrec.cli import app
+from streamrec.cli import app, bench_app
 
 FORMAT_HELP = "recbole (.inter, optional sibling .item), csv (user_id,item_id,timestamp[,type]; .jsonl too) or seq"
 
@@ -203,3 +203,33 @@ def replay(
         json.dumps({**summary, "adapters": result.get("adapters"), "ratio": result.get("online_vs_frozen")}, indent=2)
     )
     typer.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@bench_app.command("levers")
+def bench_levers(
+    data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="The historical log."),
+    fmt: str = typer.Option("recbole", "--format", help=FORMAT_HELP),
+    model: Path = typer.Option(..., "--model", exists=True, file_okay=False, help="A model bootstrapped on the cut."),
+    out: Path = typer.Option(Path("bench-levers.json"), "--out", help="Where to write the JSON report."),
+    bootstrap_share: float = typer.Option(0.5, "--bootstrap-share", help="Share of the log (in time) bootstrapped on."),
+    every: int = typer.Option(2000, help="Events between two refits of the blend."),
+    tune: int = typer.Option(2000, help="Newest events the blend's weights are chosen on before a refit."),
+    retrain_minutes: float = typer.Option(
+        0.0, "--retrain-minutes", help="Also fine-tune the T5 at the midpoint for this long (0: skip)."
+    ),
+) -> None:
+    """Second-half HR@10 of the prequential protocol, in process, lever by lever: the frozen blend,
+    its statistics refitted online, its weights too, and (optionally) a T5 retrained at the midpoint."""
+    from streamrec.bench.levers import run
+
+    _threads()
+    run(
+        _load(data, fmt),
+        model,
+        out,
+        bootstrap_share=bootstrap_share,
+        every=every,
+        tune=tune,
+        retrain_minutes=retrain_minutes,
+        log=typer.echo,
+    )
