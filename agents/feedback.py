@@ -18,7 +18,7 @@ from agents.infer import TopicMirror, read_catalog
 from agents.internals import bind_event
 from streamrec.errors import InvalidMessage
 from streamrec.events import ADAPTER_KEY, Event, Recommendation, parse
-from streamrec.feedback import FeedbackExample, FeedbackUser, Mark, is_fresh
+from streamrec.feedback import FeedbackExample, FeedbackUser, Mark, fresh_by_arrival
 from streamrec.feedback_store import ExampleStore
 from streamrec.metrics import (
     ADAPTER_PROMOTED,
@@ -139,22 +139,16 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
 
     def increment(mark: Mark) -> tuple[Any, Mark]:
         arrived = store.by_arrival()
-        seq = {a.example.event_id: a.seq for a in arrived}
         state["seq"] += 1
         result = run_increment(
             settings,
             read_catalog(catalog.values),
             [a.example for a in arrived],
-            lambda e: is_fresh(seq[e.event_id], e, mark, cfg.since),
+            fresh_by_arrival(arrived, mark, cfg.since),
             registry,
             seed=state["seq"],
         )
         return result, advance(mark, [a.seq for a in arrived], result)
-
-    def fresh_count(mark: Mark) -> int:
-        if mark.arrival is None and mark.through is not None:  # a cursor from before arrival numbers
-            return store.count_since(max(mark.through, cfg.since) if cfg.since else mark.through)
-        return store.count_arrived_after(mark.arrival or 0, cfg.since)
 
     async def announce_current() -> None:
         """Announce the registry's CURRENT once at start: a crash between a promotion and its
@@ -175,7 +169,7 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
             await announce_current()
         mark = cursor.get()
         loop = asyncio.get_running_loop()
-        fresh = await loop.run_in_executor(None, fresh_count, mark)
+        fresh = await loop.run_in_executor(None, store.count_fresh, mark, cfg.since)
         if fresh < cfg.min_new_examples + cfg.holdout or not catalog.values:
             log.info("trainer: %d new examples (need %d + %d held out)", fresh, cfg.min_new_examples, cfg.holdout)
             return

@@ -18,6 +18,17 @@ FloatArray = npt.NDArray[np.float32]
 _POP_TIE = 1e-6
 
 
+def top_k(scores: npt.NDArray[np.floating], banned: Sequence[int], k: int) -> npt.NDArray[np.intp]:
+    """Positions of the `k` best scores, best first (ties in position order), never a `banned` one."""
+    s = scores.astype(np.float64)  # a copy: the caller's scores stay as they were
+    s[list(banned)] = -np.inf
+    k = min(k, int(np.isfinite(s).sum()))
+    if k <= 0:
+        return np.zeros(0, dtype=np.intp)
+    top = np.argpartition(-s, k - 1)[:k]
+    return top[np.argsort(-s[top], kind="stable")]
+
+
 class Baseline:
     """Fit on training histories, then score every catalog item for a history."""
 
@@ -55,13 +66,7 @@ class Baseline:
 
     def recommend(self, history: Sequence[str], exclude: Iterable[str] = (), k: int = 10) -> list[ScoredItem]:
         s = self.scores(history).astype(np.float64)
-        banned = [self.index[i] for i in exclude if i in self.index]
-        s[banned] = -np.inf
-        k = min(k, int(np.isfinite(s).sum()))
-        if k <= 0:
-            return []
-        top = np.argpartition(-s, k - 1)[:k]
-        top = top[np.argsort(-s[top], kind="stable")]
+        top = top_k(s, [self.index[i] for i in exclude if i in self.index], k)
         return [ScoredItem(self.items[n], float(s[n])) for n in top]
 
 
@@ -234,6 +239,13 @@ class Blend:
         assert isinstance(knn, ItemKNN) and isinstance(markov, Markov)
         w_knn, w_markov = weights if weights is not None else (self.w_knn, self.w_markov)
         return Blend(knn, markov, w_knn, w_markov)
+
+    def log_probs(
+        self, p_model: npt.NDArray[np.floating], history: Sequence[str], items: Sequence[str]
+    ) -> npt.NDArray[np.float64]:
+        """The served score of each of `items`: the log of the mixture for a user with `history`."""
+        p_knn, p_markov = self.signals(history, items)
+        return np.log(self.mix(p_model, p_knn, p_markov).astype(np.float64) + 1e-30)
 
     def mix(self, p_model: FloatArray, p_knn: FloatArray, p_markov: FloatArray) -> FloatArray:
         w = 1.0 - self.w_knn - self.w_markov

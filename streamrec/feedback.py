@@ -267,6 +267,14 @@ def is_fresh(seq: int, example: FeedbackExample, mark: Mark, floor: datetime | N
     return mark.through is None or example.ts > mark.through
 
 
+def fresh_by_arrival(
+    arrived: Iterable[tuple[int, FeedbackExample]], mark: Mark, floor: datetime | None
+) -> Callable[[FeedbackExample], bool]:
+    """`is_fresh` for the examples of `arrived` ((arrival number, example) pairs), by example."""
+    seq = {example.event_id: n for n, example in arrived}
+    return lambda e: is_fresh(seq[e.event_id], e, mark, floor)
+
+
 class FeedbackUser(BaseModel):
     """What the feedback agent keeps per user, in one table value so a crash restores both together:
     the rolling history with its dedup memory (the same rules as the ingest worker's) and the

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from streamrec.feedback import FeedbackExample
+from streamrec.feedback import FeedbackExample, Mark
 
 _WIDTH = 20  # digits of the µs timestamp and of the arrival number: both sort as text
 ARRIVAL = "arrival"
@@ -159,6 +159,12 @@ class ExampleStore:
             if (low is None or key >= low) and self._db.get(key) is not None:
                 count += 1
         return count
+
+    def count_fresh(self, mark: Mark, floor: datetime | None) -> int:
+        """How many held examples `is_fresh` accepts under `mark` and `floor`, without reading them."""
+        if mark.arrival is None and mark.through is not None:  # a cursor from before arrival numbers
+            return self.count_since(mark.through if floor is None else max(mark.through, floor))
+        return self.count_arrived_after(mark.arrival or 0, floor)
 
     def close(self) -> None:
         with self._lock:

@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from streamrec.baselines import Blend
+from streamrec.baselines import Blend, top_k
 from streamrec.catalog import Catalog, ItemTrie, SchemeName, ScoredItem, build_trie, identifiers, item_token
 from streamrec.errors import ModelError
 from streamrec.events import ModelVersion
@@ -404,12 +404,8 @@ class Recommender:
         out = []
         for row, req in zip(logp, requests, strict=True):
             if blend is not None:
-                p_knn, p_markov = blend.signals([h.item_id for h in req.history], items)
-                row = np.log(blend.mix(np.exp(row), p_knn, p_markov).astype(np.float64) + 1e-30)
-            row[[col[i] for i in req.exclude if i in col]] = -np.inf
-            kk = min(k, int(np.isfinite(row).sum()))
-            top = np.argpartition(-row, kk - 1)[:kk] if kk > 0 else np.zeros(0, dtype=np.int64)
-            top = top[np.argsort(-row[top], kind="stable")]
+                row = blend.log_probs(np.exp(row), [h.item_id for h in req.history], items)
+            top = top_k(row, [col[i] for i in req.exclude if i in col], k)
             out.append([ScoredItem(items[n], float(row[n])) for n in top])
         return out
 

@@ -73,9 +73,15 @@ def blend_weights(
 ) -> tuple[float, float, float]:
     """(w_knn, w_markov, NDCG@10) of `blend`'s signals mixed with `rec`'s model (as it is now, without
     a blend) on `requests`, whose next items are `targets`: see `fit_blend_weights`."""
-    items = rec.single_token_items
-    cols = {item: c for c, item in enumerate(items)}
     p_model = np.exp(rec.item_log_probs(requests))
+    return weights_on(p_model, blend, rec.single_token_items, requests, targets)
+
+
+def weights_on(
+    p_model: np.ndarray, blend: Blend, items: Sequence[str], requests: Sequence[RecRequest], targets: Sequence[str]
+) -> tuple[float, float, float]:
+    """`blend_weights` with the model's distributions over `items` already computed (a row per request)."""
+    cols = {item: c for c, item in enumerate(items)}
     sig = [blend.signals([h.item_id for h in r.history], items) for r in requests]
     p_knn = np.stack([s[0] for s in sig])
     p_markov = np.stack([s[1] for s in sig])

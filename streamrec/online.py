@@ -160,7 +160,7 @@ def refit_weights(
     rec: Any,
     kept: Sequence[FeedbackExample],
     train: Sequence[FeedbackExample],
-    fresh: Callable[[FeedbackExample], bool] | None,
+    fresh: Callable[[FeedbackExample], bool],
     nameable: set[str],
     settings: Settings,
 ) -> tuple[float, float] | None:
@@ -171,7 +171,7 @@ def refit_weights(
     from streamrec.offline import blend_weights
 
     cfg = settings.online
-    tune = [e for e in train if (fresh is None or fresh(e)) and e.target in nameable][-cfg.weights_examples :]
+    tune = [e for e in train if fresh(e) and e.target in nameable][-cfg.weights_examples :]
     if len(tune) < cfg.weights_examples // 5:
         return None
     skip = {e.event_id for e in tune}
@@ -205,10 +205,11 @@ def run_increment(
     cfg = settings.online
     rng = random.Random(seed)
     seed_everything(seed)
-    split = split_fresh_replay(examples, fresh, cfg.replay_share, rng, holdout=cfg.holdout)
-    consumed_fresh = sum(1 for e in split.train if fresh is None or fresh(e))
-    train = cap(split.train, fresh, cfg.max_train_examples, cfg.replay_share, rng)
-    fresh_n = sum(1 for e in train if fresh is None or fresh(e))
+    is_new = fresh or (lambda _: True)
+    split = split_fresh_replay(examples, is_new, cfg.replay_share, rng, holdout=cfg.holdout)
+    consumed_fresh = sum(1 for e in split.train if is_new(e))
+    train = cap(split.train, is_new, cfg.max_train_examples, cfg.replay_share, rng)
+    fresh_n = sum(1 for e in train if is_new(e))
     if target_transform is not None:
         train = target_transform(list(train))
     through = max((e.ts for e in split.train), default=None)
@@ -232,11 +233,10 @@ def run_increment(
     before = score(rec, split.holdout, exclude_seen)
     nameable = set(rec.trie_items)
     held = {e.event_id for e in split.holdout}
+    kept = [e for e in examples if e.event_id not in held]  # what the blend is refitted on
     weights = None
     if cfg.refit_blend and cfg.refit_weights and rec.blend is not None:
-        weights = refit_weights(
-            rec, [e for e in examples if e.event_id not in held], split.train, fresh, nameable, settings
-        )
+        weights = refit_weights(rec, kept, split.train, is_new, nameable, settings)
 
     # Training pairs: the same templates as the bootstrap, sampled per example; targets the model
     # cannot name (unavailable or unknown items) are skipped.
@@ -268,8 +268,7 @@ def run_increment(
     # held-out ones, with the weights chosen above (or kept).
     blend = None
     if cfg.refit_blend and rec.blend is not None:
-        kept = user_sequences(e for e in examples if e.event_id not in held)
-        blend = rec.blend.refit(kept, catalog.ids, weights)
+        blend = rec.blend.refit(user_sequences(kept), catalog.ids, weights)
         rec.set_adapter_blend(blend)
     after = score(rec, split.holdout, exclude_seen)
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.baselines import Blend, fit_blend_weights
+from streamrec.baselines import Blend, top_k
 from streamrec.bench import machine, write_report
 from streamrec.datasets import Dataset, LogEvent
 from streamrec.instructions import HistoryItem, RecRequest, excluded
+from streamrec.offline import weights_on
 from streamrec.prequential import K, Outcome, Plan, plan, report
 
 CHUNK = 500  # events scored between two looks at the refit schedule
@@ -92,26 +93,21 @@ class Stream:
 def choose_weights(stream: Stream, p_model: np.ndarray, blend: Blend, rows: Sequence[int]) -> tuple[float, float]:
     """The blend weights with the best NDCG@10 on replayed events `rows` (targets the model can name)."""
     rows = [i for i in rows if i in stream.row and stream.events[i].item_id in stream.col]
-    sig = [blend.signals([h.item_id for h in stream.request(i).history], stream.items) for i in rows]
-    w_knn, w_markov, _ = fit_blend_weights(
+    w_knn, w_markov, _ = weights_on(
         p_model[[stream.row[i] for i in rows]],
-        np.stack([s[0] for s in sig]),
-        np.stack([s[1] for s in sig]),
-        [stream.col[stream.events[i].item_id] for i in rows],
-        [stream.banned(i) for i in rows],
+        blend,
+        stream.items,
+        [stream.request(i) for i in rows],
+        [stream.events[i].item_id for i in rows],
     )
     return w_knn, w_markov
 
 
 def ranked(stream: Stream, blend: Blend, p_model: np.ndarray, i: int) -> tuple[str, ...]:
-    """The top-K list for replayed event `i`, as the inference worker ranks it (the blend's mixture,
-    seen items excluded)."""
-    sig = blend.signals([h.item_id for h in stream.request(i).history], stream.items)
-    mixed = blend.mix(p_model[stream.row[i]], sig[0], sig[1])
-    mixed[stream.banned(i)] = -1.0
-    top = np.argpartition(-mixed, K - 1)[:K]
-    top = top[np.argsort(-mixed[top], kind="stable")]
-    return tuple(stream.items[t] for t in top)
+    """The top-K list for replayed event `i`, ranked as the inference worker ranks it."""
+    request = stream.request(i)
+    scores = blend.log_probs(p_model[stream.row[i]], [h.item_id for h in request.history], stream.items)
+    return tuple(stream.items[t] for t in top_k(scores, stream.banned(i), K))
 
 
 def run_lever(

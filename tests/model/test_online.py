@@ -18,7 +18,7 @@ from walks import CATALOG_ITEMS, ITEMS, walk
 
 from streamrec.baselines import Blend, ItemKNN, Markov
 from streamrec.catalog import Catalog
-from streamrec.feedback import FeedbackExample, Mark, is_fresh, split_fresh_replay, user_sequences
+from streamrec.feedback import FeedbackExample, Mark, fresh_by_arrival, split_fresh_replay, user_sequences
 from streamrec.instructions import HistoryItem
 from streamrec.registry import BLEND, AdapterRegistry, sha256_file
 from streamrec.settings import Settings, registry_root
@@ -57,11 +57,14 @@ def feedback(n: int, start_s: float, seed: int, prefix: str) -> list[FeedbackExa
     return out
 
 
-def walkers(users: int, steps: int, start_s: float, seed: int, prefix: str) -> list[FeedbackExample]:
-    """Users walking the pattern one step per second, interleaved: each example's target is the
-    next item of its user's walk, so each user's targets are themselves a walk."""
+def walkers(
+    users: int, steps: int, start_s: float, seed: int, prefix: str, backwards: bool = False
+) -> list[FeedbackExample]:
+    """Users walking the pattern (or, `backwards`, against it) one step per second, interleaved: each
+    example's target is the next item of its user's walk, so each user's targets are themselves a walk."""
     rng = random.Random(seed)
     seqs = [walk(rng.randrange(ITEMS), steps + 3) for _ in range(users)]
+    seqs = [list(reversed(seq)) for seq in seqs] if backwards else seqs
     return [
         FeedbackExample(
             event_id=f"{prefix}{u}-{t}",
@@ -101,8 +104,7 @@ def check_promoted(result: Increment, registry: AdapterRegistry, parent: str | N
 
 def fresh_after(arrived: list[FeedbackExample], mark: Mark) -> Callable[[FeedbackExample], bool]:
     """The trainer's rule, with `arrived` numbered 1.. in list order."""
-    seq = {e.event_id: n for n, e in enumerate(arrived, start=1)}
-    return lambda e: is_fresh(seq[e.event_id], e, mark, None)
+    return fresh_by_arrival(enumerate(arrived, start=1), mark, None)
 
 
 def test_increments_on_the_pattern_are_promoted_and_the_next_one_continues_the_first(
@@ -239,20 +241,7 @@ def test_an_increment_chooses_the_blend_weights_again_on_fresh_examples_its_stat
     start.save(str(blended / BLEND))
     settings = make_settings(tmp_path / "data", blended, gate_tolerance=0.5, weights_examples=60)
     registry = AdapterRegistry(registry_root(settings))
-    rng = random.Random(3)
-    seqs = [list(reversed(walk(rng.randrange(ITEMS), 14))) for _ in range(15)]
-    backwards = [
-        FeedbackExample(
-            event_id=f"b{u}-{t}",
-            user_id=f"user{u}",
-            history=tuple(HistoryItem(i, "click") for i in seqs[u][: t + 3]),
-            target=seqs[u][t + 3],
-            target_type="click",
-            ts=T0 + timedelta(seconds=t * 15 + u),
-        )
-        for t in range(11)
-        for u in range(15)
-    ]
+    backwards = walkers(15, 11, 0, seed=3, prefix="b", backwards=True)
     one = run_increment(settings, CATALOG, backwards, None, registry)
     v1 = check_promoted(one, registry, parent=None)
     shipped = Blend.load(str(registry.path(v1) / BLEND))
