@@ -5,7 +5,7 @@ Secrets are SecretStr, so printing or logging the settings never shows them."""
 from __future__ import annotations
 
 import ssl
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,6 +85,29 @@ class TopicSettings(_Section):
     trending: str = "streamrec.trending"
     partitions: int = Field(default=4, ge=1, description="Partitions for topics streamrec creates.")
     replication_factor: int = Field(default=1, ge=1)
+
+
+class ContractSettings(_Section):
+    """Bounds on what a message may be. Anything outside them is a dead letter, decided before the
+    message costs more than its size to look at."""
+
+    max_message_bytes: int = Field(
+        default=262_144, ge=1024, description="Largest message value decoded; a larger one is a dead letter."
+    )
+    max_depth: int = Field(default=32, ge=2, description="Deepest JSON nesting decoded (checked before parsing).")
+    ts_min: datetime = Field(
+        default=datetime(1970, 1, 1, tzinfo=UTC), description="Earliest event time accepted (ISO-8601)."
+    )
+    ts_max_ahead_s: float = Field(
+        default=86_400.0, ge=0, description="How far ahead of the worker's clock an event time may be."
+    )
+    dead_letter_raw_bytes: int = Field(
+        default=262_144,
+        ge=1024,
+        le=524_288,
+        description="Most bytes of a bad message kept in its dead letter (the rest is cut, and the letter "
+        "says so): base64 of this must fit the producer's 1 MiB request limit.",
+    )
 
 
 class HistorySettings(_Section):
@@ -268,8 +291,20 @@ class Settings(BaseSettings):
         default=None, description="Adapter registry (a shared volume for several workers); default DATA_DIR/adapters."
     )
     web_port: int = Field(default=6066, ge=0, le=65535)
-    web_host: str = "0.0.0.0"
+    web_host: str = Field(
+        default="127.0.0.1",
+        description="Address the web server binds; 0.0.0.0 only where the network is trusted (compose, k8s).",
+    )
+    web_token: SecretStr | None = Field(
+        default=None, description="Bearer token required by /users/... (None: no token asked)."
+    )
+    adapter_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key signing adapter announcements: the same on the trainer and every inference "
+        "worker. When set, an unsigned or wrongly signed announcement is refused.",
+    )
     kafka: KafkaSettings = KafkaSettings()
+    contract: ContractSettings = ContractSettings()
     topics: TopicSettings = TopicSettings()
     history: HistorySettings = HistorySettings()
     ingest: IngestSettings = IngestSettings()
