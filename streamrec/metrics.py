@@ -15,6 +15,18 @@ INGEST_BATCH = Histogram(
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
 )
 
+LAST_CRASH = Gauge(
+    "streamrec_agent_last_crash_timestamp_seconds",
+    "When this role's previous worker stopped on a failure not owned by one message (set at start from its "
+    "data directory; absent when it never did).",
+    ["agent"],
+)
+FEEDBACK_SKIPPED = Counter(
+    "streamrec_feedback_skipped_total",
+    "Events the feedback agent could not read (the ingest worker dead-letters them).",
+    ["topic"],
+)
+
 RECOMMENDATIONS = Counter("streamrec_recommendations_total", "Recommendations published.", ["kind"])
 INFER_BATCH = Histogram(
     "streamrec_infer_batch_users", "Users per generation batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -23,25 +23,29 @@ class Trending:
     newest_ts: float = 0.0
 
     def _factor(self, ts: float) -> float:
+        # 2 ** x overflows past x = 1024 and underflows quietly to 0: `add` re-bases so that
+        # ts - ref_ts stays under 50 half-lives, and older events only ever shrink.
         return math.pow(2.0, (ts - self.ref_ts) / self.half_life_s)
 
     def add(self, item_id: str, ts: float, weight: float = 1.0) -> None:
         if not self.counts:
             self.ref_ts = ts
-        # Re-base before the exponent grows past float range (~700 half-lives).
+        # Re-base before the exponent grows large: a count is stored times 2 ** (ts - ref_ts).
         if ts - self.ref_ts > 50 * self.half_life_s:
             self._rebase(ts)
         self.counts[item_id] = self.counts.get(item_id, 0.0) + weight * self._factor(ts)
         self.newest_ts = max(self.newest_ts, ts)
 
     def _rebase(self, ts: float) -> None:
-        scale = 1.0 / self._factor(ts)
+        # The inverse factor computed directly: 1 / 2 ** x would overflow for an event more than
+        # ~1024 half-lives newer than the reference (43 days at the default half-life).
+        scale = math.pow(2.0, max((self.ref_ts - ts) / self.half_life_s, -1100.0))
         self.counts = {i: c * scale for i, c in self.counts.items() if c * scale > 1e-6}
         self.ref_ts = ts
 
     def snapshot(self, n: int) -> dict[str, float]:
         """The top `n` items with their decayed counts as of the newest event seen."""
-        scale = 1.0 / self._factor(self.newest_ts) if self.counts else 1.0
+        scale = math.pow(2.0, (self.ref_ts - self.newest_ts) / self.half_life_s) if self.counts else 1.0
         top = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
         return {item: count * scale for item, count in top}
 

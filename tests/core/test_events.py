@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from streamrec.errors import InvalidMessage
-from streamrec.events import DeadLetter, Event, parse
+from streamrec.events import DeadLetter, Event, check_event_time, kafka_time, nesting_depth_exceeds, parse
 from streamrec.schemas import render_schemas
+from streamrec.settings import ContractSettings
 
 GOOD = {
     "event_id": "e1",
@@ -66,3 +67,64 @@ def test_schema_files_match_the_models() -> None:
     expected = render_schemas()
     on_disk = {p.name: p.read_text() for p in folder.glob("*.schema.json")}
     assert on_disk == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper than 32"),
+        (b'{"a":' * 40 + b"1" + b"}" * 40, "nested deeper than 32"),
+        (json.dumps(GOOD | {"ts": "0001-01-01T00:00:00+01:00"}).encode(), "no UTC equivalent"),
+        (json.dumps(GOOD | {"ts": "9999-12-31T23:59:59-01:00"}).encode(), "no UTC equivalent"),
+        (b'{"quantity": ' + b"9" * 5000 + b"}", "not JSON"),
+        (json.dumps(GOOD | {"price": float("nan")}).encode(), "NaN is not a JSON number"),
+        (json.dumps(GOOD | {"price": float("inf")}).encode(), "Infinity is not a JSON number"),
+        (json.dumps(GOOD).replace('"price"', '"x"').encode()[:-1] + b', "price": 1e999}', "price"),
+        (json.dumps(GOOD | {"user_id": "\ud800"}).encode(), "unpaired UTF-16 surrogate"),
+        (json.dumps(GOOD).encode("utf-16"), "not JSON"),
+        (json.dumps(GOOD | {"user_id": "u" * 500_000}).encode(), "exceeds the 262144-byte limit"),
+        (json.dumps(GOOD | {"item_id": "i" * 300}).encode(), "item_id: String should have at most 256"),
+    ],
+)
+def test_hostile_input_is_refused_before_it_costs_more_than_its_size(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse(Event, raw)
+    assert reason in str(info.value)
+
+
+def test_nesting_inside_strings_and_escapes_is_not_nesting() -> None:
+    text = '[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[ \\" {{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{'
+    event = parse(Event, json.dumps(GOOD | {"session_id": text[:200]}).encode())
+    assert event.session_id == text[:200]
+    assert nesting_depth_exceeds(b'{"a": "\\\\", "b": [[[]]]}', 4) is False
+    assert nesting_depth_exceeds(b'{"a": "\\\\", "b": [[[]]]}', 3) is True
+
+
+def test_event_time_range_is_checked_at_the_edge() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    limits = ContractSettings(ts_max_ahead_s=3600)
+    event = parse(Event, json.dumps(GOOD | {"ts": "2100-01-01T00:00:00Z"}).encode())  # a valid time...
+    with pytest.raises(InvalidMessage, match="ahead of now"):
+        check_event_time(event, limits, now)  # ...but not one the worker accepts
+    with pytest.raises(InvalidMessage, match="before 1970"):
+        check_event_time(parse(Event, json.dumps(GOOD | {"ts": "1969-12-31T23:59:59Z"}).encode()), limits, now)
+    check_event_time(parse(Event, json.dumps(GOOD | {"ts": "2026-01-01T00:59:00Z"}).encode()), limits, now)
+
+
+def test_kafka_timestamps_are_read_defensively() -> None:
+    assert kafka_time(253_402_300_800.0 * 40) is None  # past the year 9999
+    assert kafka_time(float("nan")) is None
+    assert kafka_time(None) is None
+    assert kafka_time(1_700_000_000.0) == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+
+
+def test_a_dead_letter_too_large_to_send_is_cut_and_says_so() -> None:
+    value, key = b"v" * 1_048_576, b"k" * 600_000
+    letter = DeadLetter.of(value, key, "x" * 10_000, "streamrec.clicks", 1, 7, max_raw=262_144)
+    assert len(letter.model_dump_json()) < 1_000_000  # the producer's default request limit is 1 MiB
+    assert letter.truncated and (letter.size, letter.key_size) == (1_048_576, 600_000)
+    assert letter.raw_bytes() == value[:262_144]
+    assert "value 1048576 bytes, key 600000 bytes" in letter.error
+    assert (letter.topic, letter.partition, letter.offset) == ("streamrec.clicks", 1, 7)
+    small = DeadLetter.of(b"bad", b"u1", "not JSON", "t", 0, 0)
+    assert not small.truncated and small.error == "not JSON" and small.key_bytes == b"u1"

@@ -81,5 +81,17 @@ def test_trending_survives_long_streams() -> None:
     assert t.snapshot(1)["a"] == pytest.approx(2.0, rel=1e-3)  # geometric series 1 + 1/2 + ...
 
 
+def test_trending_takes_any_leap_in_event_time() -> None:
+    # 2100 after 2024 is ~670,000 half-lives of an hour: 2 ** that overflows a float.
+    t = Trending(half_life_s=3600.0)
+    t.add("now", ts=1_714_550_400.0)
+    t.add("far", ts=4_102_444_800.0)
+    t.add("past", ts=-62_135_596_800.0)  # the year 1, long before the reference
+    snap = t.snapshot(3)
+    assert snap["far"] == pytest.approx(1.0) and snap.get("past", 0.0) == 0.0
+    t.add("now", ts=1_714_550_400.0 + 44 * 86_400.0)  # 44 days back the other way: older events only shrink
+    assert t.snapshot(1) == {"far": pytest.approx(1.0)}
+
+
 def test_merge_adds_partitions() -> None:
     assert merge_snapshots([{"a": 1.0, "b": 2.0}, {"a": 3.0}]) == {"a": 4.0, "b": 2.0}
