@@ -3,12 +3,15 @@ group (the app id plus a suffix): faust expects every member of a group to run t
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import faust
 from faust.types import TableT
 
-from agents.internals import set_fetch_max_wait
+from agents.internals import on_agent_error, set_fetch_max_wait
+from agents.supervision import Supervisor
 from streamrec.settings import Settings, faust_credentials
 
 ROLES = {"ingest": "", "infer": "-infer", "train": "-train"}
@@ -27,6 +30,41 @@ class Streams:
     trending: faust.TopicT
     histories: TableT[bytes, bytes]  # user id -> UserState JSON
     catalog: TableT[bytes, bytes]  # item id -> CatalogItem JSON
+    supervisor: Supervisor
+
+
+# faust's own views stay off: /table serves raw table values (a user's events and seen event ids),
+# /router every worker's URL, the statistics index, /graph and /performance the worker's internals.
+# table_route does not need /router (it asks the local assignor). "/" then answers {"status": "OK"}.
+CLOSED_VIEWS = {
+    "web_tables_enabled": False,
+    "web_router_enabled": False,
+    "web_stats_enabled": False,
+    "web_graph_enabled": False,
+    "web_metrics_enabled": False,
+}
+WILDCARDS = {"", "0.0.0.0", "::"}
+
+
+def web_options(settings: Settings) -> dict[str, Any]:
+    """faust's web settings: streamrec's views only, on STREAMREC_WEB_HOST and STREAMREC_WEB_PORT."""
+    options: dict[str, Any] = {
+        "web_enabled": True,
+        "web_port": settings.web_port,
+        "web_bind": settings.web_host,
+        **CLOSED_VIEWS,
+    }
+    if settings.web_host not in WILDCARDS:
+        # The canonical URL is where other workers forward table_route requests: the bound address,
+        # not faust's default (the hostname, which need not resolve to it). On a wildcard bind the
+        # hostname stays (NODE_CANONICAL_URL overrides it, see deploy/k8s).
+        host = settings.web_host
+        options["web_host"] = f"[{host}]" if ":" in host else host
+    # faust lets its own unprefixed variables (WEB_BIND, APP_WEB_TABLES_ENABLED...) override these
+    # arguments; drop them so the STREAMREC_* settings decide.
+    ignored = {faust.Settings.SETTINGS[name].env_name for name in options}
+    options["env"] = {k: v for k, v in os.environ.items() if k not in ignored}
+    return options
 
 
 def faust_app(settings: Settings, role: str) -> faust.App:
@@ -39,9 +77,7 @@ def faust_app(settings: Settings, role: str) -> faust.App:
         broker_credentials=faust_credentials(kafka),
         store="rocksdb://",
         datadir=str(settings.data_dir / f"state{ROLES[role]}"),
-        web_enabled=True,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
+        **web_options(settings),
         autodiscover=False,
         topic_partitions=settings.topics.partitions,
         topic_replication_factor=settings.topics.replication_factor,
@@ -61,6 +97,8 @@ def faust_app(settings: Settings, role: str) -> faust.App:
 
 def ingest_streams(settings: Settings) -> Streams:
     app = faust_app(settings, "ingest")
+    supervisor = Supervisor(settings, "ingest")
+    on_agent_error(app, supervisor.on_agent_error)
     topics = settings.topics
     return Streams(
         app=app,
@@ -74,6 +112,7 @@ def ingest_streams(settings: Settings) -> Streams:
         catalog=app.GlobalTable(
             "catalog", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None
         ),
+        supervisor=supervisor,
     )
 
 
@@ -87,13 +126,16 @@ def create_app(settings: Settings, role: str) -> faust.App:
         catalog.register(streams)
         web.register_history(streams)
         app = streams.app
+        supervisor = streams.supervisor
     elif role == "infer":
-        app = faust_app(settings, "infer")
-        infer.register(app, settings)
+        app, supervisor = faust_app(settings, "infer"), Supervisor(settings, "infer")
+        on_agent_error(app, supervisor.on_agent_error)
+        infer.register(app, settings, supervisor)
     elif role == "train":
-        app = faust_app(settings, "train")
-        feedback.register(app, settings)
+        app, supervisor = faust_app(settings, "train"), Supervisor(settings, "train")
+        on_agent_error(app, supervisor.on_agent_error)
+        feedback.register(app, settings, supervisor)
     else:
         raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
-    web.register_common(app)
+    web.register_common(app, supervisor)
     return app

@@ -15,14 +15,16 @@ import faust
 from faust.types import EventT
 
 from agents.infer import TopicMirror, read_catalog
+from agents.ingest import decode_event
 from agents.internals import bind_event
-from streamrec.errors import InvalidMessage
-from streamrec.events import ADAPTER_KEY, Event, Recommendation, parse
+from agents.supervision import Supervisor, dead_letter
+from streamrec.events import ADAPTER_KEY, Recommendation, parse
 from streamrec.feedback import FeedbackExample, FeedbackUser, Mark, fresh_by_arrival
 from streamrec.feedback_store import ExampleStore
 from streamrec.metrics import (
     ADAPTER_PROMOTED,
     FEEDBACK_EXAMPLES,
+    FEEDBACK_SKIPPED,
     FEEDBACK_STORE,
     GATE_DECISIONS,
     INCREMENT_SECONDS,
@@ -30,15 +32,17 @@ from streamrec.metrics import (
 )
 from streamrec.registry import AdapterRegistry
 from streamrec.settings import Settings, registry_root
+from streamrec.signing import adapter_key
 
 log = logging.getLogger(__name__)
 
 HISTORY_ITEMS = 20  # history kept in an example: more than any template shows, so edits still work
 
 
-def register(app: faust.App, settings: Settings) -> None:
+def register(app: faust.App, settings: Settings, supervisor: Supervisor) -> None:
     topics, cfg, hist = settings.topics, settings.online, settings.history
     source = app.topic(topics.clicks, topics.purchases, topics.recommendations, key_type=bytes, value_type=bytes)
+    dlq = app.topic(topics.dlq, key_type=bytes, value_type=bytes)
     adapters_topic = app.topic(topics.adapters, key_type=bytes, value_type=bytes)
     users = app.Table("feedback-users", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -76,19 +80,26 @@ def register(app: faust.App, settings: Settings) -> None:
             examples: list[FeedbackExample] = []
             for raw in events:
                 message = raw.message
-                key = message.key if isinstance(message.key, bytes) else None
                 try:
                     if message.topic == topics.recommendations:
-                        rec = parse(Recommendation, message.value)
-                        key = rec.user_id.encode()
-                        before = changed[key][1] if key in changed else load(key, raw)
+                        rec = parse(Recommendation, message.value, settings.contract)
+                        key: bytes = rec.user_id.encode()
+                    else:
+                        event = decode_event(message, settings.contract)
+                        key = event.user_id.encode()
+                except Exception as exc:
+                    if message.topic == topics.recommendations:
+                        await dead_letter(dlq, settings, message, exc)
+                    else:  # the ingest worker dead-letters bad events: one letter per message
+                        FEEDBACK_SKIPPED.labels(topic=message.topic).inc()
+                        log.debug("feedback: skipped %s@%d: %s", message.topic, message.offset, exc)
+                    continue
+                before = changed[key][1] if key in changed else load(key, raw)
+                try:
+                    if message.topic == topics.recommendations:
                         user = before.on_recommendation(rec, keep=cfg.keep_recs)
                         made: list[FeedbackExample] = []
                     else:
-                        event = parse(Event, message.value)
-                        if key != event.user_id.encode():
-                            raise InvalidMessage("message key is not the event's user_id")
-                        before = changed[key][1] if key in changed else load(key, raw)
                         user, made = before.on_event(
                             event,
                             max_events=hist.max_events,
@@ -96,8 +107,8 @@ def register(app: faust.App, settings: Settings) -> None:
                             horizon_s=cfg.horizon_s,
                             history_items=HISTORY_ITEMS,
                         )
-                except InvalidMessage:
-                    # The ingest worker dead-letters bad input; here it is only skipped.
+                except Exception as exc:  # a rule that fails on one message must not take the batch with it
+                    await dead_letter(dlq, settings, message, exc)
                     continue
                 if user is not before:
                     changed[key] = (raw, user)
@@ -132,6 +143,8 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
     catalog = TopicMirror(settings.kafka, settings.topics.catalog)
     app.add_future(catalog.run())
     registry = AdapterRegistry(registry_root(settings))
+    if adapter_key(settings.adapter_key) is None:  # an empty key fails here, at start
+        log.warning("STREAMREC_ADAPTER_KEY is not set: adapter announcements go out unsigned")
     cursor = Cursor(settings)
     # One training thread: an increment never runs twice at once and never on the event loop.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
@@ -157,9 +170,15 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
         state["announced"] = True
         manifest = registry.current()
         if manifest is not None and registry.verify(manifest):
-            announcement = registry.announcement(manifest)
+            announcement = registry.announcement(manifest, settings.adapter_key)
             await adapters_topic.send(key=ADAPTER_KEY, value=announcement.model_dump_json().encode())
             log.info("trainer: announced the adapter in service, %s", manifest.version)
+        elif manifest is not None:
+            log.warning(
+                "trainer: the adapter in service, %s, fails its check against its manifest (or was registered "
+                "before every file was hashed: `streamrec adapters reregister`); not announced",
+                manifest.version,
+            )
 
     @app.timer(interval=cfg.interval_s, on_leader=True)  # type: ignore[untyped-decorator]
     async def trainer() -> None:
@@ -191,7 +210,7 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
         if result.manifest is None:
             log.warning("trainer: gate refused the candidate (parent %s): %s", result.parent, decision.reason)
             return
-        announcement = registry.announcement(result.manifest)
+        announcement = registry.announcement(result.manifest, settings.adapter_key)
         await adapters_topic.send(key=ADAPTER_KEY, value=announcement.model_dump_json().encode())
         ADAPTER_PROMOTED.info({"version": result.manifest.version, "parent": result.parent or ""})
         log.info(

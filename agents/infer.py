@@ -10,19 +10,21 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import faust
+from faust.types import EventT
 
+from agents.supervision import Supervisor, dead_letter, describe
 from streamrec.catalog import Catalog
-from streamrec.errors import InvalidMessage, ModelError
+from streamrec.errors import InvalidMessage
 from streamrec.events import (
     ADAPTER_KEY,
     AdapterAnnouncement,
     CatalogItem,
-    DeadLetter,
     HistoryUpdate,
+    Recommendation,
     TrendingSnapshot,
     parse,
 )
-from streamrec.generation import Generator
+from streamrec.generation import Generator, refusal_reason
 from streamrec.metrics import (
     ADAPTER_REJECTED,
     ADAPTER_SWAPS,
@@ -33,6 +35,7 @@ from streamrec.metrics import (
     RECOMMENDATIONS,
 )
 from streamrec.settings import KafkaSettings, Settings, client_config
+from streamrec.signing import adapter_key
 from streamrec.trending import merge_snapshots
 
 log = logging.getLogger(__name__)
@@ -105,7 +108,7 @@ def read_trending(table: Mapping[bytes, bytes]) -> dict[str, float]:
     return merge_snapshots(snapshots)
 
 
-def register(app: faust.App, settings: Settings) -> None:
+def register(app: faust.App, settings: Settings, supervisor: Supervisor) -> None:
     # Imported now, before the event loop runs: a first import of torch and transformers inside the
     # generation thread holds the GIL long enough to stall the loop, its heartbeats and /healthz.
     from streamrec.model import set_threads
@@ -121,11 +124,17 @@ def register(app: faust.App, settings: Settings) -> None:
     trending = TopicMirror(settings.kafka, topics.trending)
     adapters = TopicMirror(settings.kafka, topics.adapters)
     for mirror in (catalog, trending, adapters):
-        app.add_future(mirror.run())
+        app.add_future(supervisor.guard(f"mirror of {mirror.topic}", mirror.run()))
     # The announcement handled last (served or refused). Only the last one: a rollback announces an
     # older version again, byte for byte, and must still be acted on.
     considered: dict[str, bytes | None] = {"last": None}
     generator = Generator(settings)
+    if adapter_key(settings.adapter_key) is None:  # an empty key fails here, at start
+        log.warning(
+            "STREAMREC_ADAPTER_KEY is not set: adapter announcements are not authenticated, and whoever can "
+            "write to %s chooses which registered adapter is served",
+            topics.adapters,
+        )
     # One thread: generation is serialised and never blocks the event loop, so heartbeats and
     # commits go on while a slow batch runs.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
@@ -158,32 +167,56 @@ def register(app: faust.App, settings: Settings) -> None:
                 return
             await loop.run_in_executor(executor, generator.apply_adapter, announcement)
         except Exception as exc:  # whatever is wrong with an adapter, the one in service stays
-            reason = (
-                "invalid" if isinstance(exc, InvalidMessage) else "rejected" if isinstance(exc, ModelError) else "load"
-            )
+            reason = refusal_reason(exc)
             ADAPTER_REJECTED.labels(reason=reason).inc()
-            log.error("adapter announcement refused, keeping the adapter in service: %s", exc)
+            log.error("adapter announcement refused (%s), keeping the adapter in service: %s", reason, exc)
             return
         ADAPTER_SWAPS.inc()
         version = generator.recommender.version if generator.recommender else None
         if version is not None:
             MODEL_INFO.info({"base": version.base, "adapter": version.adapter or ""})
 
+    async def generate(
+        loop: asyncio.AbstractEventLoop, batch: list[tuple[EventT[bytes], HistoryUpdate]]
+    ) -> list[tuple[HistoryUpdate, Recommendation]]:
+        """The batch's recommendations. When the batch fails, each user is tried alone: a history that
+        breaks generation goes to the dead-letter topic, and the others are served. When every one of
+        several fails on its own too, the fault is not theirs (the model, the device): it propagates."""
+        trend = read_trending(trending.values)
+        updates = [u for _, u in batch]
+        try:
+            recs = await loop.run_in_executor(executor, generator.generate, updates, trend)
+            return list(zip(updates, recs, strict=True))
+        except Exception as exc:
+            log.warning("a batch of %d failed (%s); trying each user alone", len(batch), describe(exc))
+        served: list[tuple[HistoryUpdate, Recommendation]] = []
+        failed: list[tuple[EventT[bytes], Exception]] = []
+        for raw, update in batch:
+            try:
+                (rec,) = await loop.run_in_executor(executor, generator.generate, [update], trend)
+            except Exception as alone:
+                failed.append((raw, alone))
+                continue
+            served.append((update, rec))
+        if failed and not served and len(batch) > 1:
+            raise failed[0][1]
+        for raw, error in failed:
+            await dead_letter(dlq, settings, raw.message, error)
+        return served
+
     @app.agent(updates, name="infer")
     async def infer(stream: faust.StreamT[bytes]) -> None:
         assert isinstance(stream, faust.Stream)  # take_events is not on the StreamT protocol
         loop = asyncio.get_running_loop()
         async for events in stream.take_events(serve.batch_size, within=serve.batch_within_s):
-            newest: dict[str, HistoryUpdate] = {}
+            newest: dict[str, tuple[EventT[bytes], HistoryUpdate]] = {}
             for raw in events:
                 try:
-                    update = parse(HistoryUpdate, raw.message.value)
-                except InvalidMessage as exc:
-                    m = raw.message
-                    letter = DeadLetter.of(m.value, m.key, str(exc), m.topic, m.partition, m.offset)
-                    await dlq.send(key=m.key, value=letter.model_dump_json().encode())
+                    update = parse(HistoryUpdate, raw.message.value, settings.contract)
+                except Exception as exc:  # whatever one message makes the decoder do, it is that message's
+                    await dead_letter(dlq, settings, raw.message, exc)
                     continue
-                newest[update.user_id] = update  # one user's updates arrive in order: keep the last
+                newest[update.user_id] = (raw, update)  # one user's updates arrive in order: keep the last
             await refresh_catalog(loop)
             if not newest:
                 continue
@@ -196,9 +229,9 @@ def register(app: faust.App, settings: Settings) -> None:
             batch = list(newest.values())
             INFER_BATCH.observe(len(batch))
             started = time.perf_counter()
-            recs = await loop.run_in_executor(executor, generator.generate, batch, read_trending(trending.values))
+            served = await generate(loop, batch)
             GENERATION_SECONDS.observe(time.perf_counter() - started)
-            for update, rec in zip(batch, recs, strict=True):
+            for update, rec in served:
                 await recommendations.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
                 kind = "model" if any(i.reason and "model" in i.reason for i in rec.items) else "trending"
                 RECOMMENDATIONS.labels(kind=kind).inc()

@@ -6,42 +6,41 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from datetime import UTC, datetime
 
 import faust
 from faust.types import EventT
 
 from agents.app import Streams
 from agents.internals import bind_event
-from streamrec.errors import InvalidMessage
-from streamrec.events import DeadLetter, Event, HistoryUpdate, TrendingSnapshot, parse, utcnow
-from streamrec.history import UserState, apply_events
+from agents.supervision import dead_letter
+from streamrec.errors import InvalidMessage, StateError
+from streamrec.events import Event, HistoryUpdate, TrendingSnapshot, check_event_time, kafka_time, parse, utcnow
+from streamrec.history import UserState, apply_event
 from streamrec.metrics import (
     EVENTS_CONSUMED,
     EVENTS_DUPLICATE,
-    EVENTS_REJECTED,
     HISTORY_UPDATES,
     INGEST_BATCH,
 )
+from streamrec.settings import ContractSettings
 from streamrec.trending import PURCHASE_WEIGHT, Trending
 
 log = logging.getLogger(__name__)
 
 
-def decode_event(message: faust.types.Message) -> Event:
-    event = parse(Event, message.value)
-    key = message.key.decode(errors="replace") if isinstance(message.key, bytes) else message.key
-    if key != event.user_id:
-        # The table is partitioned like the input topics: an event keyed by anything but its user
-        # would land in another partition's copy of that user's history.
-        raise InvalidMessage(f"message key {key!r} is not the event's user_id {event.user_id!r}")
+def decode_event(message: faust.types.Message, limits: ContractSettings) -> Event:
+    """The event a message carries, or InvalidMessage: the contract, the event time range, and the key."""
+    event = parse(Event, message.value, limits)
+    key = message.key
+    if not isinstance(key, bytes):
+        raise InvalidMessage("the message has no key: events are keyed by their user_id")
+    # The table is partitioned like the input topics: an event keyed by anything but its user would
+    # land in another partition's copy of that user's history. Compared as bytes, since a lossy decode
+    # of the key would let b"\xff" pass for the user "\ufffd", whose table key is its UTF-8.
+    if key != event.user_id.encode():
+        raise InvalidMessage(f"message key {key[:300]!r} is not the event's user_id {event.user_id!r}")
+    check_event_time(event, limits)
     return event
-
-
-async def send_dead_letter(streams: Streams, message: faust.types.Message, error: str) -> None:
-    letter = DeadLetter.of(message.value, message.key, error, message.topic, message.partition, message.offset)
-    log.warning("dead letter %s[%d]@%d: %s", message.topic, message.partition, message.offset, error)
-    await streams.dlq.send(key=message.key, value=letter.model_dump_json().encode())
 
 
 def register(streams: Streams) -> None:
@@ -49,6 +48,7 @@ def register(streams: Streams) -> None:
     max_events, window = settings.history.max_events, settings.history.dedup_window
     batch, within = settings.ingest.batch_size, settings.ingest.batch_within_s
     half_life, top_n = settings.trending.half_life_s, settings.trending.top_n
+    limits = settings.contract
     # Decoded states of recently active users. The table stays the truth: every change is written
     # to it; the cache only saves the read and decode. Any rebalance may move users, so forget all.
     cache: OrderedDict[bytes, UserState] = OrderedDict()
@@ -64,7 +64,10 @@ def register(streams: Streams) -> None:
         state = cache.get(key)
         if state is None:
             stored = streams.histories.get(key)
-            state = UserState.from_bytes(stored) if stored else None
+            try:
+                state = UserState.from_bytes(stored) if stored else None
+            except ValueError as exc:  # pydantic's ValidationError: written by us, so the store is damaged
+                raise StateError(f"the stored history of user {key[:300]!r} is unreadable: {exc}") from exc
         else:
             cache.move_to_end(key)
         return state
@@ -89,56 +92,62 @@ def register(streams: Streams) -> None:
             value = snapshot.model_dump_json().encode()
             await streams.trending.send(key=str(partition).encode(), value=value)
 
+    async def apply_user(key: bytes, arrivals: list[tuple[EventT[bytes], Event]]) -> None:
+        """One user's events of a batch, in arrival order: one table write and one history update."""
+        bind_event(arrivals[0][0])
+        state = load(key) or UserState()
+        accepted: list[tuple[EventT[bytes], Event]] = []
+        changed = False
+        for raw, event in arrivals:
+            try:
+                applied = apply_event(state, event, max_events=max_events, dedup_window=window)
+            except Exception as exc:  # a rule that fails on one event must not take the batch with it
+                await dead_letter(streams.dlq, settings, raw.message, exc)
+                continue
+            if applied.accepted:
+                state, changed = applied.state, changed or applied.changed
+                accepted.append((raw, event))
+        EVENTS_DUPLICATE.inc(len(arrivals) - len(accepted))
+        if not accepted:
+            return
+        bind_event(arrivals[0][0])  # the dead letters above may have moved faust's current event
+        streams.histories[key] = state.to_bytes()  # faust persists only on assignment
+        remember(key, state)
+        counts = trending.setdefault(arrivals[0][0].message.partition, Trending(half_life))
+        for _, event in accepted:
+            counts.add(event.item_id, event.ts.timestamp(), PURCHASE_WEIGHT if event.type == "purchase" else 1)
+        if changed:
+            # Clicks and purchases interleave in any order: the trigger is the newest by event time.
+            raw, last = max(accepted, key=lambda a: (a[1].ts, a[1].event_id))
+            update = HistoryUpdate(
+                user_id=last.user_id,
+                events=list(state.events),
+                trigger_event_id=last.event_id,
+                event_ts=last.ts,
+                trigger_appended_at=kafka_time(raw.message.timestamp),
+            )
+            await streams.history_updates.send(key=key, value=update.model_dump_json().encode())
+            HISTORY_UPDATES.inc()
+
     @app.agent(streams.events, name="ingest")
     async def ingest(stream: faust.StreamT[bytes]) -> None:
         # Batches amortise the read-modify-write of hot users: one table write and one history
-        # update per user per batch. Events are acked only after the batch body returns.
+        # update per user per batch. Events are acked only after the batch body returns; a failure
+        # that escapes it stops the worker (agents.supervision) before anything is acked.
         assert isinstance(stream, faust.Stream)  # take_events is not on the StreamT protocol
         async for events in stream.take_events(batch, within=within):
             INGEST_BATCH.observe(len(events))
-            by_user: dict[str, tuple[EventT[bytes], list[Event]]] = {}
-            appended: dict[str, float] = {}  # event id -> Kafka timestamp of its message
+            by_user: dict[bytes, list[tuple[EventT[bytes], Event]]] = {}
             for raw in events:
                 EVENTS_CONSUMED.labels(topic=raw.message.topic).inc()
                 try:
-                    event = decode_event(raw.message)
-                except InvalidMessage as exc:
-                    EVENTS_REJECTED.labels(topic=raw.message.topic).inc()
-                    await send_dead_letter(streams, raw.message, str(exc))
+                    event = decode_event(raw.message, limits)
+                except Exception as exc:  # whatever one message makes the decoder do, it is that message's
+                    await dead_letter(streams.dlq, settings, raw.message, exc)
                     continue
-                by_user.setdefault(event.user_id, (raw, []))[1].append(event)
-                appended[event.event_id] = raw.message.timestamp
-
-            for user_id, (raw, user_events) in by_user.items():
-                key = user_id.encode()
-                bind_event(raw)
-                new_state, accepted, changed = apply_events(
-                    load(key), user_events, max_events=max_events, dedup_window=window
-                )
-                EVENTS_DUPLICATE.inc(len(user_events) - len(accepted))
-                if not accepted:
-                    continue
-                streams.histories[key] = new_state.to_bytes()  # faust persists only on assignment
-                remember(key, new_state)
-                counts = trending.setdefault(raw.message.partition, Trending(half_life))
-                for event in accepted:
-                    counts.add(
-                        event.item_id,
-                        event.ts.timestamp(),
-                        PURCHASE_WEIGHT if event.type == "purchase" else 1,
-                    )
-                if changed:
-                    # Clicks and purchases interleave in any order: the trigger is the newest by event time.
-                    last = max(accepted, key=lambda e: (e.ts, e.event_id))
-                    update = HistoryUpdate(
-                        user_id=user_id,
-                        events=list(new_state.events),
-                        trigger_event_id=last.event_id,
-                        event_ts=last.ts,
-                        trigger_appended_at=datetime.fromtimestamp(appended[last.event_id], UTC),
-                    )
-                    await streams.history_updates.send(key=key, value=update.model_dump_json().encode())
-                    HISTORY_UPDATES.inc()
+                by_user.setdefault(event.user_id.encode(), []).append((raw, event))
+            for key, arrivals in by_user.items():
+                await apply_user(key, arrivals)
 
             if time.monotonic() - published["at"] >= settings.trending.publish_interval_s:
                 published["at"] = time.monotonic()

@@ -22,6 +22,16 @@ def bind_event(event: EventT[Any]) -> None:
     _current_event.set(weakref.ref(event))
 
 
+def on_agent_error(app: Any, handler: Callable[[Any, BaseException], Awaitable[None]]) -> None:
+    """Replace faust's handler of an exception that escapes an agent, for agents defined after this.
+
+    faust's own handler commits the consumer's offsets (`Consumer.on_task_error`), then restarts the
+    agent: the events buffered behind the failure, and those of a `take_events` batch in progress,
+    count as processed and are lost. `app.agent` passes `self._on_agent_error` to every agent it
+    makes, so the instance attribute decides."""
+    app._on_agent_error = handler
+
+
 def set_fetch_max_wait(ms: int) -> None:
     """faust hard-codes fetch_max_wait_ms=1500 for its consumer. A broker that holds a fetch for the
     whole wait even when data is there (the embedded Tansu broker does) then delivers events in

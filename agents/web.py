@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 
 from agents.app import Streams
+from agents.supervision import Supervisor
 from streamrec.history import UserState
 from streamrec.metrics import CONSUMER_LAG
 
 
+def authorized(header: str | None, token: SecretStr | None) -> bool:
+    """Whether a request with this Authorization header may read a history: any request when no token
+    is configured, else `Bearer <token>` only (compared in constant time). An empty token admits nobody."""
+    if token is None:
+        return True
+    expected = token.get_secret_value().encode()
+    scheme, _, given = (header or "").strip().partition(" ")
+    return bool(expected) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+
+
 def register_history(streams: Streams) -> None:
     app = streams.app
+    token = streams.settings.web_token
 
-    @app.page("/users/{user_id}/history")
-    @app.table_route(table=streams.histories, match_info="user_id")
-    async def user_history(web: View, request: Request, user_id: str) -> Response:
+    async def owned_history(web: View, request: Request, user_id: str) -> Response:
         stored = streams.histories.get(user_id.encode())
         if not stored:
             return web.json({"error": f"unknown user {user_id!r}"}, status=404)
@@ -26,11 +39,32 @@ def register_history(streams: Streams) -> None:
         events: list[dict[str, Any]] = [e.model_dump(mode="json", exclude_none=True) for e in state.events]
         return web.json({"user_id": user_id, "events": events})
 
+    # Forwards to the worker that owns the user's partition; faust's router passes the request's headers
+    # on, so that worker checks the same token again.
+    routed: Callable[..., Awaitable[Response]] = app.table_route(table=streams.histories, match_info="user_id")(
+        owned_history
+    )
 
-def register_common(app: faust.App) -> None:
+    @app.page("/users/{user_id}/history")
+    async def user_history(web: View, request: Request, user_id: str) -> Response:
+        # Checked before routing: a refused request is never forwarded.
+        if not authorized(request.headers.get("Authorization"), token):
+            return web.json(
+                {"error": "missing or wrong bearer token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="streamrec"'},
+            )
+        return await routed(web, request, user_id)
+
+
+def register_common(app: faust.App, supervisor: Supervisor) -> None:
+    previous_crash = supervisor.previous_crash()
+
     @app.page("/healthz")
     async def healthz(web: View, request: Request) -> Response:
-        return web.json({"status": "ok"})
+        # A worker whose agent fails beyond one message exits (agents.supervision): while it answers,
+        # its agents run. The restarted worker says why its predecessor stopped.
+        return web.json({"status": "ok", "previous_crash": previous_crash})
 
     @app.page("/metrics")
     async def metrics(web: View, request: Request) -> Response:
