@@ -6,18 +6,30 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamrec.baselines import Blend
 from streamrec.catalog import Catalog
-from streamrec.errors import ModelError
+from streamrec.errors import InvalidMessage, ModelError
 from streamrec.events import AdapterAnnouncement, HistoryUpdate, Recommendation, RecommendedItem, utcnow
 from streamrec.instructions import RecRequest
-from streamrec.registry import BLEND, WEIGHTS, sha256_file
+from streamrec.registry import (
+    BLEND,
+    WEIGHTS,
+    AdapterCorrupt,
+    AdapterNotFound,
+    AdapterOutsideRegistry,
+    AnnouncementInvalid,
+    announced_dir,
+    announced_files,
+    private_copy,
+)
 from streamrec.serving import model_weight, serve_list
-from streamrec.settings import Settings
+from streamrec.settings import Settings, registry_root
+from streamrec.signing import AdapterBadSignature, AdapterUnsigned, check_signature
 
 if TYPE_CHECKING:
     from streamrec.model import Recommender
@@ -52,28 +64,35 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
 ADAPTER_WEIGHTS = WEIGHTS
 
 
-def verified_adapter_dir(announcement: AdapterAnnouncement) -> Path:
-    """The adapter directory of an announcement, once its weights (and its blend, when it brings one)
-    match the announced sha256s."""
-    folder = Path(announcement.uri.removeprefix("file://"))
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise ModelError(f"adapter {announcement.version}: no weights at {weights}")
-    actual = sha256_file(weights)
-    if actual != announcement.sha256:
-        raise ModelError(
-            f"adapter {announcement.version}: sha256 mismatch (announced {announcement.sha256[:12]}, "
-            f"found {actual[:12]}); refusing it"
-        )
-    if announcement.blend_sha256 is not None:
-        blend = folder / BLEND
-        found = sha256_file(blend) if blend.is_file() else "missing"
-        if found != announcement.blend_sha256:
-            raise ModelError(
-                f"adapter {announcement.version}: blend sha256 mismatch (announced {announcement.blend_sha256[:12]}, "
-                f"found {found[:12]}); refusing it"
-            )
-    return folder
+@contextmanager
+def verified_adapter(settings: Settings, announcement: AdapterAnnouncement) -> Iterator[Path]:
+    """A private copy of an announced adapter, once the announcement is signed with the configured
+    key (when there is one), names its version's directory in this worker's registry, and every
+    file of that directory matches its announced sha256; removed on exit. Cheapest checks first:
+    nothing on disk is read for an announcement that fails its signature."""
+    check_signature(announcement, settings.adapter_key)
+    folder = announced_dir(registry_root(settings), announcement)
+    files = announced_files(announcement)
+    with private_copy(folder, files, announcement.version) as copy:
+        yield copy
+
+
+# The `reason` label of streamrec_adapter_rejected_total, most specific class first.
+_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
+    (InvalidMessage, "invalid"),
+    (AnnouncementInvalid, "invalid"),
+    (AdapterUnsigned, "unsigned"),
+    (AdapterBadSignature, "bad_signature"),
+    (AdapterOutsideRegistry, "outside_registry"),
+    (AdapterNotFound, "missing"),
+    (AdapterCorrupt, "hash_mismatch"),
+)
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why an announcement was refused, as counted: one of invalid, unsigned, bad_signature,
+    outside_registry, missing, hash_mismatch, or load (the files were right, loading them failed)."""
+    return next((reason for kind, reason in _REFUSALS if isinstance(exc, kind)), "load")
 
 
 def adapter_blend(settings: Settings, folder: Path, blend_sha256: str | None) -> Blend | None:
@@ -111,13 +130,15 @@ class Generator:
 
     def apply_adapter(self, announcement: AdapterAnnouncement) -> None:
         """Put an announced adapter in service, between two batches (this runs in the generation
-        thread). Raises ModelError, leaving the adapter in service untouched, when it is missing,
-        corrupt or does not fit the model."""
+        thread). Raises ModelError (`refusal_reason` says which check failed), leaving the model and
+        the adapter in service exactly as they were, when the announcement is unsigned or wrongly
+        signed, points outside the registry, its files are not the announced ones, or it does not
+        load or fit the model. Adapter and blend are read from a private copy of the checked files."""
         if self.recommender is None:
             raise ModelError("no model loaded yet")
-        folder = verified_adapter_dir(announcement)
-        blend = adapter_blend(self.settings, folder, announcement.blend_sha256)
-        self.recommender.load_adapter(str(folder), version=announcement.version, blend=blend)
+        with verified_adapter(self.settings, announcement) as folder:
+            blend = adapter_blend(self.settings, folder, announcement.blend_sha256)
+            self.recommender.load_adapter(str(folder), version=announcement.version, blend=blend)
         log.info("adapter %s in service", announcement.version)
 
     def generate(self, updates: Sequence[HistoryUpdate], trending: Mapping[str, float]) -> list[Recommendation]:

@@ -312,22 +312,44 @@ class Recommender:
         """Put a LoRA adapter (peft directory) on the base model, replacing the current one, with the
         blend refitted with it (None: the base model's). The swap waits for a running batch to
         finish and the next batch waits for the swap, so no batch ever mixes two adapters; the pause
-        is the time to read the (small) adapter weights."""
+        is the time to read the (small) adapter weights. A failed load raises ModelError and leaves
+        the model exactly as it was: peft injects an adapter's layers before it reads its weights,
+        so whatever it injected is taken out again."""
         from peft import PeftModel
 
         name = version or Path(adapter_dir).name
-        safe = name.replace(".", "_")  # peft adapter names become module attribute names
         with self._lock:
+            model = self.model
+            wrapped = _peft_wrappers(model)
+            trainable = {n: p.requires_grad for n, p in model.named_parameters()}
+            had_config = hasattr(model, "peft_config")
             try:
-                if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(adapter_dir, adapter_name=safe)
-                    old = self.model.active_adapter
-                    self.model.set_adapter(safe)
-                    if old != safe:
-                        self.model.delete_adapter(old)
+                if isinstance(model, PeftModel):
+                    # A fresh peft name, never the active one's: loading into an existing name would
+                    # overwrite the adapter in service before its weights are known to load.
+                    safe, n = name.replace(".", "_"), 1  # peft adapter names become attribute names
+                    while safe in model.peft_config:
+                        safe, n = f"{name.replace('.', '_')}_{n}", n + 1
+                    try:
+                        model.load_adapter(adapter_dir, adapter_name=safe)
+                    except BaseException:
+                        if safe in model.peft_config:
+                            model.delete_adapter(safe)
+                        raise
+                    old = model.active_adapter
+                    model.set_adapter(safe)
+                    model.delete_adapter(old)
                 else:
-                    self.model = PeftModel.from_pretrained(self.model, adapter_dir, adapter_name=safe)
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                    self.model = PeftModel.from_pretrained(model, adapter_dir, adapter_name=name.replace(".", "_"))
+            except Exception as exc:
+                # Layers injected into modules the active adapter does not use, the base model's own
+                # peft_config, and the trainable flags peft moved: all back as they were.
+                _strip_peft_wrappers(model.base_model.model if isinstance(model, PeftModel) else model, wrapped)
+                if not had_config and hasattr(model, "peft_config") and not isinstance(model, PeftModel):
+                    del model.peft_config
+                for n, p in model.named_parameters():
+                    p.requires_grad_(trainable.get(n, False))
+                self.model = model
                 # RuntimeError: weights whose shapes do not fit this model (another base or vocabulary).
                 raise ModelError(f"cannot load adapter {adapter_dir!r}: {exc}") from exc
             self.model.to(self.device).eval()
@@ -544,6 +566,38 @@ class Recommender:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
+
+
+def _peft_wrappers(model: Any) -> set[int]:
+    """The ids of the peft layers and wrappers in `model` now (none in a model peft never touched)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+    return {id(m) for m in model.modules() if isinstance(m, kinds)}
+
+
+def _strip_peft_wrappers(model: Any, keep: set[int]) -> None:
+    """Put back the module each peft layer or wrapper not in `keep` replaced (its base layer, or the
+    original of a modules_to_save / trainable-tokens wrapper), everywhere it is referenced."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    while True:
+        found = next(
+            (
+                (name, m)
+                for name, m in model.named_modules(remove_duplicate=False)
+                if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper) and id(m) not in keep
+            ),
+            None,
+        )
+        if found is None:
+            return
+        name, module = found
+        original = module.original_module if isinstance(module, AuxiliaryTrainingWrapper) else module.get_base_layer()
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, original)
 
 
 def set_threads(n: int) -> None:

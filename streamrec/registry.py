@@ -1,7 +1,9 @@
 """The adapter registry: versioned LoRA adapters on disk (a data dir or a shared volume), each with a
-manifest carrying the sha256 of its weights (and of the blend refitted with it, when there is one),
-and the CURRENT pointer that promotion and rollback move. File I/O only: no torch, no Kafka;
-announcing a promotion is the caller's job."""
+manifest carrying the sha256 of every file of the version (weights, config, the blend refitted with
+it, whatever peft saved), and the CURRENT pointer that promotion and rollback move. Also the checks
+an inference worker runs on an announcement before it loads anything: the version's own directory
+in its registry, every file as announced, read from a private copy. File I/O only: no torch, no
+Kafka; sending an announcement is the caller's job."""
 
 from __future__ import annotations
 
@@ -11,16 +13,20 @@ import math
 import os
 import re
 import shutil
+import stat
+import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from streamrec.errors import ModelError
 from streamrec.events import AdapterAnnouncement, utcnow
+from streamrec.signing import sign
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -34,6 +40,7 @@ _NUMBERED = re.compile(r"v(\d+)")
 # Names the registry itself uses at its root; compared case-insensitively for macOS/Windows volumes.
 _RESERVED = {CURRENT.lower(), HISTORY.lower()}
 _CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class AdapterNotFound(ModelError):
@@ -42,8 +49,28 @@ class AdapterNotFound(ModelError):
 
 
 class AdapterCorrupt(ModelError):
-    """The adapter's files are missing or its weights do not match the sha256 in its manifest. Do not
-    serve it: register the adapter again from the trainer's output, or roll back."""
+    """The adapter's files are not the ones its manifest or announcement lists: one is missing,
+    changed (its sha256 differs) or not listed at all. Do not serve it: register the adapter again
+    from the trainer's output, or roll back."""
+
+
+class AdapterUnhashed(AdapterCorrupt):
+    """The version was registered before manifests listed the sha256 of every file, so its config
+    cannot be checked. Check its adapter_config.json, then `streamrec adapters reregister VERSION`
+    (hashes its files as they are now) and promote it again; or promote a newer version."""
+
+
+class AdapterOutsideRegistry(ModelError):
+    """An announcement names a directory that is not its version's directory in this worker's
+    registry (or the version directory leads outside the registry). Give the trainer and every
+    inference worker the same STREAMREC_REGISTRY_DIR, on a volume mounted at the same path; an
+    announcement pointing anywhere else is not served."""
+
+
+class AnnouncementInvalid(ModelError):
+    """An announcement does not describe an adapter the worker can check: no sha256 of its files
+    (sent before announcements carried them), or hashes that contradict each other. Promote the
+    version again with the current `streamrec adapters promote`."""
 
 
 class AdapterExists(ModelError):
@@ -52,17 +79,40 @@ class AdapterExists(ModelError):
 
 
 class Manifest(BaseModel):
-    """manifest.json of one adapter version."""
+    """manifest.json of one adapter version. `files` is None in manifests written before every file
+    was hashed: such a version is listed but never promoted or served until re-registered."""
 
     model_config = ConfigDict(frozen=True)
 
     version: str
     parent: str | None = None
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    blend_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Of the weights (also in `files`).")
+    blend_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="Of the blend, if any.")
+    files: dict[str, str] | None = Field(
+        default=None, description="sha256 of every file but manifest.json, by path relative to the version."
+    )
     metrics: dict[str, float] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)
     base: str | None = None
+
+    @model_validator(mode="after")
+    def _files_agree(self) -> Manifest:
+        if self.files is not None:
+            check_listing(self.version, self.files, self.sha256, self.blend_sha256)
+        return self
+
+
+def check_listing(version: str, files: Mapping[str, str], sha256: str, blend_sha256: str | None) -> None:
+    """ValueError unless `files` lists the config and the weights, and agrees with the weights' and
+    the blend's own sha256 fields (a blend is served exactly when one is listed)."""
+    if CONFIG not in files or files.get(WEIGHTS) != sha256 or files.get(BLEND) != blend_sha256:
+        raise ValueError(
+            f"adapter {version}: the file list must hold {CONFIG} and {WEIGHTS}, and agree with the sha256 of "
+            f"the weights and of the blend"
+        )
+    bad = [name for name, digest in files.items() if not _SHA256.fullmatch(digest)]
+    if bad:
+        raise ValueError(f"adapter {version}: not a sha256 for {bad}")
 
 
 def check_version(version: str) -> str:
@@ -84,17 +134,123 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def verify_dir(directory: str | Path, sha256: str, blend_sha256: str | None = None) -> bool:
-    """True when `directory` holds an adapter config and weights whose sha256 is `sha256`, and a
-    blend whose sha256 is `blend_sha256` when one is expected. For inference workers checking an
-    announcement before they load it."""
+def _regular_files(directory: Path) -> Iterator[tuple[str, Path]]:
+    """(relative posix path, path) of every file under `directory` but its manifest. Links and special
+    files are refused, not followed: what is hashed must be what is loaded, and a fifo would hang."""
+    for parent, dirs, names in os.walk(directory):
+        here = Path(parent)
+        for name in sorted(dirs):
+            if (here / name).is_symlink():
+                raise AdapterCorrupt(f"{here / name} is a link; a registered adapter holds plain files only")
+        for name in sorted(names):
+            path = here / name
+            rel = path.relative_to(directory).as_posix()
+            if rel == MANIFEST:
+                continue
+            if not stat.S_ISREG(path.lstat().st_mode):
+                raise AdapterCorrupt(f"{path} is not a plain file; a registered adapter holds plain files only")
+            yield rel, path
+
+
+def hash_files(directory: str | Path) -> dict[str, str]:
+    """sha256 of every file under `directory` but manifest.json, by relative posix path."""
     d = Path(directory)
     try:
-        if not (d / CONFIG).is_file() or sha256_file(d / WEIGHTS) != sha256:
-            return False
-        return blend_sha256 is None or sha256_file(d / BLEND) == blend_sha256
-    except OSError:
+        return {rel: sha256_file(path) for rel, path in _regular_files(d)}
+    except OSError as exc:
+        raise AdapterCorrupt(f"cannot read the adapter files in {d}: {exc}") from exc
+
+
+def compare_files(version: str, found: Mapping[str, str], expected: Mapping[str, str]) -> None:
+    """AdapterCorrupt naming every missing, changed or unlisted file, when `found` is not `expected`."""
+    missing = sorted(expected.keys() - found.keys())
+    changed = sorted(n for n in expected.keys() & found.keys() if found[n] != expected[n])
+    extra = sorted(found.keys() - expected.keys())
+    problems = [
+        f"{label}: {', '.join(names)}"
+        for label, names in (("missing", missing), ("sha256 mismatch", changed), ("not listed", extra))
+        if names
+    ]
+    if problems:
+        raise AdapterCorrupt(f"adapter {version}: files differ from the listed sha256s ({'; '.join(problems)})")
+
+
+def verify_dir(directory: str | Path, files: Mapping[str, str]) -> bool:
+    """True when `directory` holds exactly the files in `files`, each with its sha256."""
+    try:
+        compare_files(Path(directory).name, hash_files(directory), files)
+    except AdapterCorrupt:
         return False
+    return True
+
+
+def announced_dir(root: str | Path, announcement: AdapterAnnouncement) -> Path:
+    """The directory an announcement may be loaded from: its version's under `root`, symlinks
+    resolved, and only when the announced uri is that same directory. Whatever a message says, a
+    worker reads nothing outside its own registry."""
+    try:
+        version = check_version(announcement.version)
+    except ValueError as exc:
+        raise AdapterOutsideRegistry(f"adapter announcement: {exc}") from None
+    registry = Path(root).resolve()
+    folder = (registry / version).resolve()
+    if folder.parent != registry:  # the version directory is a link leading elsewhere
+        raise AdapterOutsideRegistry(f"adapter {version}: {registry / version} leads to {folder}, outside {registry}")
+    claimed = Path(announcement.uri.removeprefix("file://")).resolve()
+    if claimed != folder:
+        raise AdapterOutsideRegistry(
+            f"adapter {version}: announced at {announcement.uri}, but this worker's registry holds it at {folder}"
+        )
+    if not folder.is_dir():
+        raise AdapterNotFound(f"adapter {version} is not in {registry} (is the registry volume mounted here?)")
+    return folder
+
+
+def announced_files(announcement: AdapterAnnouncement) -> dict[str, str]:
+    """The announcement's file list, once it is there and agrees with its own weights and blend hashes."""
+    if announcement.files is None:
+        raise AnnouncementInvalid(f"adapter {announcement.version}: the announcement lists no file sha256s")
+    try:
+        check_listing(announcement.version, announcement.files, announcement.sha256, announcement.blend_sha256)
+    except ValueError as exc:
+        raise AnnouncementInvalid(str(exc)) from None
+    return dict(announcement.files)
+
+
+@contextmanager
+def private_copy(directory: str | Path, files: Mapping[str, str], version: str) -> Iterator[Path]:
+    """A copy of the adapter in a fresh private temporary directory, checked against `files`, removed
+    on exit. Load from the copy: nothing another process writes to the registry after the check can
+    reach the model (checking the shared files, then loading them, would leave that gap)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"streamrec-{version}-"))  # mode 0700
+    try:
+        copy = tmp / "adapter"
+        try:
+            copy.mkdir()
+            for rel, path in _regular_files(Path(directory)):
+                (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+                _copy_plain(path, copy / rel)
+        except OSError as exc:
+            raise AdapterCorrupt(f"adapter {version}: cannot copy its files from {directory}: {exc}") from exc
+        # The copies are hashed, not the originals; an unlisted file is refused too (peft reads more
+        # than the weights and the config).
+        compare_files(version, hash_files(copy), files)
+        yield copy
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _copy_plain(src: Path, dst: Path) -> None:
+    # O_NOFOLLOW and O_NONBLOCK: a file swapped for a link or a fifo after the listing is refused,
+    # not followed or waited on.
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise AdapterCorrupt(f"{src} is not a plain file")
+        with open(fd, "rb", closefd=False) as f, open(dst, "xb") as out:
+            shutil.copyfileobj(f, out, _CHUNK)
+    finally:
+        os.close(fd)
 
 
 def _fsync(path: Path) -> None:
@@ -121,7 +277,7 @@ def _write_atomic(path: Path, text: str) -> None:
 class AdapterRegistry:
     """Layout under `root`:
         <version>/adapter_model.safetensors, adapter_config.json (+ whatever else peft saved)
-        <version>/manifest.json   version, parent, sha256 of the weights, metrics, created_at, base
+        <version>/manifest.json   version, parent, sha256 of every other file, metrics, created_at, base
         CURRENT                   the promoted version's name (absent: none promoted)
         history.jsonl             one line per change of CURRENT: at, action, version, previous
     Versions are immutable once registered. Writers are expected to be one at a time (the trainer
@@ -178,11 +334,13 @@ class AdapterRegistry:
                 if p.is_file():
                     _fsync(p)  # the rename below must not outrun the data
             # Hash the copy, not the source: the manifest must describe the bytes the registry holds.
+            files = hash_files(tmp)
             manifest = Manifest(
                 version=version,
                 parent=parent,
-                sha256=sha256_file(tmp / WEIGHTS),
-                blend_sha256=sha256_file(tmp / BLEND) if (tmp / BLEND).is_file() else None,
+                sha256=files[WEIGHTS],
+                blend_sha256=files.get(BLEND),
+                files=files,
                 metrics=scores,
                 base=base,
             )
@@ -223,24 +381,40 @@ class AdapterRegistry:
         return sorted(found, key=lambda m: (m.created_at, m.version))
 
     def verify(self, manifest: Manifest) -> bool:
-        """True when the version's config and weights are present and the sha256s match."""
-        return verify_dir(self.path(manifest.version), manifest.sha256, manifest.blend_sha256)
+        """True when the version holds exactly the files its manifest lists, each with its sha256
+        (False for a manifest that lists none: registered before every file was hashed)."""
+        return manifest.files is not None and verify_dir(self.path(manifest.version), manifest.files)
 
     def _verified(self, version: str) -> Manifest:
         manifest = self.get(version)
-        d = self.path(version)
-        if not (d / WEIGHTS).is_file() or not (d / CONFIG).is_file():
-            raise AdapterCorrupt(f"adapter {version}: {WEIGHTS} or {CONFIG} is missing in {d}")
-        actual = sha256_file(d / WEIGHTS)
-        if actual != manifest.sha256:
-            raise AdapterCorrupt(f"adapter {version}: sha256 of {WEIGHTS} is {actual}, manifest says {manifest.sha256}")
-        if manifest.blend_sha256 is not None:
-            blend = sha256_file(d / BLEND) if (d / BLEND).is_file() else "missing"
-            if blend != manifest.blend_sha256:
-                raise AdapterCorrupt(
-                    f"adapter {version}: sha256 of {BLEND} is {blend}, manifest says {manifest.blend_sha256}"
-                )
+        if manifest.files is None:
+            raise AdapterUnhashed(
+                f"adapter {version} was registered before manifests hashed every file: check its {CONFIG}, "
+                f"then re-register it (`streamrec adapters reregister {version}`)"
+            )
+        compare_files(version, hash_files(self.path(version)), manifest.files)
         return manifest
+
+    def reregister(self, version: str) -> Manifest:
+        """Give a version registered before manifests hashed every file the sha256 of each of its
+        files as they are now, after checking the hashes its old manifest does hold (the weights',
+        the blend's). The config had none: whoever re-registers vouches for it. A version that lists
+        its files already is returned unchanged."""
+        manifest = self.get(version)
+        if manifest.files is not None:
+            return manifest
+        d = self.path(version)
+        files = hash_files(d)
+        old = {WEIGHTS: manifest.sha256} | ({BLEND: manifest.blend_sha256} if manifest.blend_sha256 else {})
+        compare_files(version, {n: files.get(n, "missing") for n in old}, old)
+        if BLEND in files and manifest.blend_sha256 is None:
+            raise AdapterCorrupt(f"adapter {version}: {BLEND} appeared after registration")
+        try:
+            upgraded = Manifest.model_validate(manifest.model_dump() | {"files": files})
+        except ValidationError as exc:
+            raise AdapterCorrupt(f"adapter {version}: cannot re-register: {exc}") from exc
+        _write_atomic(d / MANIFEST, upgraded.model_dump_json(indent=2))
+        return upgraded
 
     # ---- promotion ------------------------------------------------------------------------
 
@@ -258,8 +432,8 @@ class AdapterRegistry:
         return None if name is None else self.get(name)
 
     def promote(self, version: str) -> Manifest:
-        """Make `version` current after checking its weights against its manifest (AdapterNotFound,
-        AdapterCorrupt otherwise). Promoting the current version again changes nothing."""
+        """Make `version` current after checking every file against its manifest (AdapterNotFound,
+        AdapterCorrupt, AdapterUnhashed otherwise). Promoting the current version again changes nothing."""
         manifest = self._verified(version)
         previous = self.current_version()
         if previous != version:
@@ -278,17 +452,26 @@ class AdapterRegistry:
         self._move(target, stack[-1], "rollback")
         return manifest
 
-    def announcement(self, manifest: Manifest) -> AdapterAnnouncement:
-        return AdapterAnnouncement(
+    def announcement(self, manifest: Manifest, key: SecretStr | None = None) -> AdapterAnnouncement:
+        """What tells the inference workers to serve `manifest`'s version: its place, the sha256 of
+        every file, signed with `key` when one is configured."""
+        if manifest.files is None:
+            raise AdapterUnhashed(
+                f"adapter {manifest.version} lists no file sha256s: `streamrec adapters reregister "
+                f"{manifest.version}` first"
+            )
+        message = AdapterAnnouncement(
             version=manifest.version,
             uri=str(self.path(manifest.version).resolve()),
             sha256=manifest.sha256,
             blend_sha256=manifest.blend_sha256,
+            files=manifest.files,
             metrics=manifest.metrics,
             parent=manifest.parent,
             base=manifest.base,
             created_at=manifest.created_at,
         )
+        return sign(message, key)
 
     def history(self) -> list[dict[str, Any]]:
         """The promotion log, oldest first."""
