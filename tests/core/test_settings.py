@@ -89,3 +89,14 @@ def test_environment_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert load_settings() == original
+
+
+def test_web_server_binds_loopback_and_asks_no_token_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = load_settings()
+    assert s.web_host == "127.0.0.1" and s.web_token is None
+    monkeypatch.setenv("STREAMREC_WEB_HOST", "0.0.0.0")
+    monkeypatch.setenv("STREAMREC_WEB_TOKEN", "s3cret-web-token")
+    s = load_settings()
+    assert s.web_host == "0.0.0.0"
+    assert s.web_token is not None and s.web_token.get_secret_value() == "s3cret-web-token"
+    assert "s3cret-web-token" not in repr(s)

@@ -8,6 +8,8 @@ import ast
 import functools
 import os
 import re
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -24,14 +26,59 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 PREFIX = "STREAMREC_"
 
-_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
+_VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}")
+
+# What an operator sets before `docker compose up`, as the README says (values made up).
+OPERATOR_ENV = {"STREAMREC_ADAPTER_KEY": "9f" * 32}
 
 
-def interpolate(value: str) -> str:
-    """Compose's `${VAR:-default}` with nothing set in the environment: the default ('' without one)."""
-    if "${" not in value:
-        return value.replace("$$", "$")
-    return _VAR.sub(lambda m: m.group("default") or "", value).replace("$$", "$")
+class MissingVariable(ValueError):
+    """A `${VAR:?message}` or `${VAR?message}` whose variable is not set: compose refuses to run."""
+
+
+def interpolate(value: str, env: Mapping[str, str] | None = None) -> str:
+    """Compose's interpolation against `env` (default: nothing set): `${VAR}`, `${VAR-default}`,
+    `${VAR:-default}`, `${VAR?message}` and `${VAR:?message}` (the `:` forms treat an empty value as
+    unset; the `?` forms raise MissingVariable), `$$` for a literal `$`."""
+    env = {} if env is None else env
+
+    def substitute(match: re.Match[str]) -> str:
+        name, op, arg = match.group("name"), match.group("op") or "", match.group("arg") or ""
+        found = env.get(name)
+        unset = found is None or (op.startswith(":") and found == "")
+        if unset and op.endswith("?"):
+            raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+        if unset and op.endswith("-"):
+            return arg
+        return found or ""
+
+    return _VAR.sub(substitute, value).replace("$$", "$")
+
+
+def compose_config(compose: Any, env: Mapping[str, str] | None = None) -> Any:
+    """The compose model with every string interpolated, as `docker compose config` prints it (compose
+    interpolates every service, whatever its profile, so one missing required variable stops them all)."""
+    if isinstance(compose, dict):
+        return {k: compose_config(v, env) for k, v in compose.items()}
+    if isinstance(compose, list):
+        return [compose_config(v, env) for v in compose]
+    return interpolate(compose, env) if isinstance(compose, str) else compose
+
+
+def container_environment(service: dict[str, Any], env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a service's container gets: a variable listed without a value passes the one
+    from `env` (the shell or .env) through, and is left out when `env` has none."""
+    env = {} if env is None else env
+    listed = service.get("environment", {})
+    assert isinstance(listed, dict), "write environment as a mapping"
+    out: dict[str, str] = {}
+    for name, value in listed.items():
+        if value is None:
+            if name in env:
+                out[name] = env[name]
+        else:
+            out[name] = interpolate(str(value), env)
+    return out
 
 
 def setting_names(model: type[BaseModel] = Settings, prefix: str = PREFIX) -> set[str]:
@@ -85,6 +132,22 @@ def parse_command(args: list[str]) -> typer.Context:
     except TyperException as exc:
         raise CommandLineError(f"{args}: {exc}") from exc
     return parsed
+
+
+def readme_secrets() -> dict[str, dict[str, str]]:
+    """The Secrets README.md tells an operator to create, from its `kubectl ... create secret generic
+    NAME --from-literal=KEY=VALUE ...` commands: name -> key -> the literal as written (a placeholder
+    such as `$(openssl rand -hex 32)`)."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    secrets: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        if "create secret generic" not in line or not line.lstrip().startswith("kubectl"):
+            continue
+        words = shlex.split(line, comments=True)
+        name = words[words.index("generic") + 1]
+        literals = [w.removeprefix("--from-literal=") for w in words if w.startswith("--from-literal=")]
+        secrets[name] = dict(literal.split("=", 1) for literal in literals)
+    return secrets
 
 
 def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
@@ -179,7 +242,9 @@ def info_keys() -> dict[str, frozenset[str]]:
                 continue
             target = node.func.value
             if isinstance(target, ast.Name) and target.id in infos and node.args and isinstance(node.args[0], ast.Dict):
-                out[target.id] |= {k.value for k in node.args[0].keys if isinstance(k, ast.Constant)}
+                out[target.id] |= {
+                    k.value for k in node.args[0].keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
+                }
     return {next(iter(infos[name].describe())).name: frozenset(keys) for name, keys in out.items()}
 
 

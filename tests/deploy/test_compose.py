@@ -12,7 +12,11 @@ import pytest
 import yaml
 from deploy_helpers import (
     DEPLOY,
+    OPERATOR_ENV,
     REPO,
+    MissingVariable,
+    compose_config,
+    container_environment,
     interpolate,
     parse_command,
     settings_from_env,
@@ -28,10 +32,9 @@ STREAMREC = sorted(n for n, s in SERVICES.items() if s.get("build", {}).get("doc
 WORKERS = sorted(n for n in STREAMREC if SERVICES[n]["command"][0] == "worker")
 
 
-def env_of(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment", {})
-    assert isinstance(env, dict), "write environment as a mapping"
-    return {k: interpolate(str(v)) for k, v in env.items()}
+def env_of(service: dict[str, Any], shell: dict[str, str] = OPERATOR_ENV) -> dict[str, str]:
+    """The container's environment with `shell` (the shell and .env: by default what the README asks for)."""
+    return container_environment(service, shell)
 
 
 def test_streamrec_services_found() -> None:
@@ -161,6 +164,53 @@ def test_inference_reads_the_trainers_registry_at_the_same_path(name: str) -> No
     assert volume_at(SERVICES["trainer"], registry)[0] in COMPOSE["volumes"]
     # An adapter only fits the base model it was trained on.
     assert infer.model.base == trainer.model.base
+
+
+# ---- the web port and the secrets ----
+
+SIGNERS = ["trainer", "infer", "infer-gpu"]  # sign or verify adapter announcements
+
+
+def test_compose_refuses_to_run_without_the_adapter_key() -> None:
+    with pytest.raises(MissingVariable, match="STREAMREC_ADAPTER_KEY"):
+        compose_config(COMPOSE, {})
+    with pytest.raises(MissingVariable, match="STREAMREC_ADAPTER_KEY"):
+        compose_config(COMPOSE, {"STREAMREC_ADAPTER_KEY": ""})  # an empty key is no key
+    assert compose_config(COMPOSE, OPERATOR_ENV)["services"]
+
+
+@pytest.mark.parametrize("name", SIGNERS)
+def test_trainer_and_inference_share_the_adapter_key(name: str) -> None:
+    raw = str(SERVICES[name]["environment"]["STREAMREC_ADAPTER_KEY"])
+    assert re.fullmatch(r"\$\{STREAMREC_ADAPTER_KEY:\?[^}]+\}", raw), "required: no default a stack could run on"
+    key = settings_from_env(env_of(SERVICES[name])).adapter_key
+    assert key is not None and key.get_secret_value() == OPERATOR_ENV["STREAMREC_ADAPTER_KEY"]
+
+
+def test_only_the_signers_get_the_adapter_key() -> None:
+    for name in STREAMREC:
+        has_key = settings_from_env(env_of(SERVICES[name])).adapter_key is not None
+        assert has_key == (name in SIGNERS), name
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_workers_listen_on_the_compose_network(name: str) -> None:
+    # Prometheus scrapes them by service name: a loopback bind would hide them from it.
+    assert settings_from_env(env_of(SERVICES[name])).web_host == "0.0.0.0"
+
+
+def test_published_ports_listen_on_the_hosts_loopback_only() -> None:
+    published = [(name, str(p)) for name, s in SERVICES.items() for p in s.get("ports", [])]
+    assert published
+    for name, port in published:
+        assert port.startswith("127.0.0.1:") and port.count(":") == 2, f"{name} publishes {port} to every interface"
+
+
+def test_the_web_token_is_optional_and_comes_from_the_shell() -> None:
+    ingest = SERVICES["ingest"]
+    assert settings_from_env(env_of(ingest)).web_token is None, "no token asked unless one is set"
+    token = settings_from_env(env_of(ingest, OPERATOR_ENV | {"STREAMREC_WEB_TOKEN": "t0ken"})).web_token
+    assert token is not None and token.get_secret_value() == "t0ken"
 
 
 def test_dependencies_exist() -> None:

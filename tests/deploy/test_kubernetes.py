@@ -12,6 +12,7 @@ import yaml
 from deploy_helpers import (
     DEPLOY,
     parse_command,
+    readme_secrets,
     render_kustomization,
     settings_from_env,
     unknown_settings,
@@ -23,6 +24,7 @@ K8S = DEPLOY / "k8s"
 KUSTOMIZATIONS = {"base": K8S / "base", "cpu": K8S / "overlays" / "cpu", "gpu": K8S / "overlays" / "gpu"}
 RENDERED = {name: render_kustomization(path) for name, path in KUSTOMIZATIONS.items()}
 K8S_VERSION = "1.30.0"  # oldest release these manifests promise to work on
+SECRETS = readme_secrets()  # what the operator creates before applying, as the README shows
 
 
 def find(resources: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -35,17 +37,35 @@ def workloads(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in resources if r["kind"] in ("Deployment", "StatefulSet", "Job", "CronJob")]
 
 
-def container_env(resources: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
-    """What the container's process sees: envFrom sources first, then `env` (which wins)."""
+def container_env(
+    resources: list[dict[str, Any]], container: dict[str, Any], secrets: dict[str, dict[str, str]] = SECRETS
+) -> dict[str, str]:
+    """What the container's process sees once `secrets` exist: envFrom sources first, then `env` (which
+    wins). A missing Secret or key leaves its variables out when the reference is optional; otherwise
+    the pod would not start, and this raises MissingSecret."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
             env |= find(resources, "ConfigMap", source["configMapRef"]["name"])["data"]
         if "secretRef" in source:
-            secret = find(resources, "Secret", source["secretRef"]["name"])
-            env |= secret.get("stringData", {})
-    env |= {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+            ref = source["secretRef"]
+            if ref["name"] not in secrets and not ref.get("optional"):
+                raise MissingSecret(ref["name"])
+            env |= secrets.get(ref["name"], {})
+    for entry in container.get("env", []):
+        ref = entry.get("valueFrom", {}).get("secretKeyRef")
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif ref is not None:
+            if ref["key"] in secrets.get(ref["name"], {}):
+                env[entry["name"]] = secrets[ref["name"]][ref["key"]]
+            elif not ref.get("optional"):
+                raise MissingSecret(f"{ref['name']}/{ref['key']}")
     return env
+
+
+class MissingSecret(LookupError):
+    """A Secret (or key) a container needs does not exist: kubelet will not start the pod."""
 
 
 def every_file() -> list[Path]:
@@ -80,16 +100,87 @@ def test_containers_run_real_commands_with_real_settings(variant: str) -> None:
             settings_from_env(env)
 
 
-def test_configmap_and_secret_hold_only_settings() -> None:
+@pytest.mark.parametrize("variant", RENDERED)
+def test_no_secret_ships_with_the_manifests(variant: str) -> None:
+    # A shipped Secret would be a default key or password that works until someone replaces it.
+    assert [r["metadata"]["name"] for r in RENDERED[variant] if r["kind"] == "Secret"] == []
+
+
+def test_configmap_and_secrets_hold_only_settings() -> None:
     resources = RENDERED["base"]
     config = find(resources, "ConfigMap", "streamrec-config")["data"]
-    secret = find(resources, "Secret", "streamrec-kafka-credentials")["stringData"]
-    assert unknown_settings(config) == [] and unknown_settings(secret) == []
-    assert all(k.startswith("STREAMREC_") for k in config | secret)
-    # The Secret carries all SASL needs: switching the ConfigMap to SASL_SSL yields valid settings.
-    sasl = settings_from_env(config | secret | {"STREAMREC_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"})
+    kafka = SECRETS["streamrec-kafka-credentials"]
+    assert unknown_settings(config) == [] and unknown_settings(kafka) == []
+    assert all(k.startswith("STREAMREC_") for k in config | kafka)
+    # The README's Secret carries all SASL needs: switching the ConfigMap to SASL_SSL yields valid settings.
+    sasl = settings_from_env(config | kafka | {"STREAMREC_KAFKA__SECURITY_PROTOCOL": "SASL_SSL"})
     assert sasl.kafka.sasl_password is not None
-    assert "STREAMREC_KAFKA__SASL_PASSWORD" not in config
+    for secret in ("SASL_PASSWORD", "ADAPTER_KEY", "WEB_TOKEN"):
+        assert not any(secret in k for k in config), f"{secret} belongs in a Secret"
+    # Every key a pod reads from streamrec-secrets is one the README creates, with a random value.
+    refs = {
+        (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for w in workloads(resources)
+        for c in w["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert refs == {("streamrec-secrets", "adapter-key"), ("streamrec-secrets", "web-token")}
+    assert all(SECRETS[name][key] == "$(openssl rand -hex 32)" for name, key in refs)
+
+
+def secret_needs(resources: list[dict[str, Any]], container: dict[str, Any]) -> bool:
+    """Whether the container would not start without the README's Secrets."""
+    try:
+        container_env(resources, container, secrets={})
+    except MissingSecret:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("variant", RENDERED)
+def test_trainer_and_inference_share_the_adapter_key_and_need_it(variant: str) -> None:
+    resources = RENDERED[variant]
+    (_, trainer_container), infer = trainer(resources), infer_container(resources)
+    keys = [settings_from_env(container_env(resources, c)).adapter_key for c in (trainer_container, infer)]
+    assert keys[0] is not None and keys[1] is not None
+    assert keys[0].get_secret_value() == keys[1].get_secret_value(), "one key signs and verifies"
+    assert secret_needs(resources, trainer_container) and secret_needs(resources, infer)
+    # Ingest neither signs nor verifies: it starts without the Secret, and never sees the key.
+    ingest_container = ingest(resources)["spec"]["template"]["spec"]["containers"][0]
+    assert not secret_needs(resources, ingest_container)
+    assert settings_from_env(container_env(resources, ingest_container)).adapter_key is None
+
+
+def test_ingest_takes_the_optional_web_token() -> None:
+    resources = RENDERED["base"]
+    container = ingest(resources)["spec"]["template"]["spec"]["containers"][0]
+    assert settings_from_env(container_env(resources, container)).web_token is not None
+    assert settings_from_env(container_env(resources, container, secrets={})).web_token is None
+
+
+@pytest.mark.parametrize("variant", RENDERED)
+def test_workers_listen_on_the_pod_network(variant: str) -> None:
+    # Probes and Prometheus reach a pod on its IP: a loopback bind would fail every probe.
+    resources = RENDERED[variant]
+    for workload in workloads(resources):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            assert settings_from_env(container_env(resources, container)).web_host == "0.0.0.0"
+
+
+def test_ingest_pods_forward_to_each_others_dns_names() -> None:
+    resources = RENDERED["base"]
+    sts = ingest(resources)
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    env = container["env"]
+    names = [e["name"] for e in env]
+    pod_name = env[names.index("POD_NAME")]
+    assert pod_name["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # $(POD_NAME) expands only from a variable listed before it.
+    assert names.index("POD_NAME") < names.index("NODE_CANONICAL_URL")
+    port = settings_from_env(container_env(resources, container)).web_port
+    url = env[names.index("NODE_CANONICAL_URL")]["value"]
+    assert url == f"http://$(POD_NAME).{sts['spec']['serviceName']}:{port}"
 
 
 @pytest.mark.parametrize("variant", RENDERED)

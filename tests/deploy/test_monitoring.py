@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 import yaml
-from deploy_helpers import DEPLOY, REPO, interpolate, metric_labels, metric_samples, settings_from_env
+from deploy_helpers import (
+    DEPLOY,
+    OPERATOR_ENV,
+    REPO,
+    container_environment,
+    metric_labels,
+    metric_samples,
+    settings_from_env,
+)
 
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamrec.json"
 COMPOSE: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -120,7 +128,7 @@ def test_prometheus_scrapes_every_worker_on_its_web_port() -> None:
     services = COMPOSE["services"]
     for name, service in services.items():
         if service.get("command", [None])[0] == "worker":
-            env = {k: interpolate(str(v)) for k, v in service["environment"].items()}
+            env = container_environment(service, OPERATOR_ENV)
             assert scraped.get(name) == settings_from_env(env).web_port, f"{name} is not scraped on its web port"
     mounts = dict(str(v).split(":")[:2] for v in services["prometheus"]["volumes"])
     assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
