@@ -309,6 +309,27 @@ def _kinds(now: datetime) -> dict[str, Any]:
 BIG_KINDS = {"message_300kb", "user_id_500kb", "item_id_1mb", "nested_100k_brackets"}
 
 
+def _catalog_kinds() -> dict[str, Any]:
+    """Hostile messages on the catalog topic: (rng, n) -> (key, value)."""
+
+    def item(n: int, **changes: Any) -> tuple[bytes, bytes]:
+        value = {"item_id": f"item-{n}", "title": f"thing {n}"} | changes
+        return str(value["item_id"]).encode() if isinstance(value["item_id"], str) else b"k", json.dumps(value).encode()
+
+    return {
+        "catalog_not_json": lambda rng, n: (f"item-{n}".encode(), b"{title" + str(rng.random()).encode()),
+        "catalog_nested": lambda rng, n: (f"item-{n}".encode(), b"[" * 50_000 + b"]" * 50_000),
+        "catalog_too_big": lambda rng, n: item(n, description="d" * 300_000),
+        "catalog_missing_title": lambda rng, n: (f"item-{n}".encode(), json.dumps({"item_id": f"item-{n}"}).encode()),
+        "catalog_empty_title": lambda rng, n: item(n, title=""),
+        "catalog_title_number": lambda rng, n: item(n, title=7),
+        "catalog_key_mismatch": lambda rng, n: (b"other", item(n)[1]),
+        "catalog_lone_surrogate": lambda rng, n: item(n, title="\udfff"),
+        "catalog_item_id_too_long": lambda rng, n: item(n, item_id="i" * 300),
+        "catalog_keyless_empty": lambda rng, n: (None, b""),
+    }
+
+
 def test_fuzz_every_valid_event_kept_once_every_bad_message_dead_lettered_once(
     make_settings: Any, tmp_path: Path
 ) -> None:
@@ -333,7 +354,13 @@ def test_fuzz_every_valid_event_kept_once_every_bad_message_dead_lettered_once(
         for _ in range(3 if kind in BIG_KINDS else 20):
             key, value = make(rng, dict(rng.choice(valid)))
             messages.insert(rng.randrange(len(messages) + 1), (kind, rng.choice(["clicks", "purchases"]), key, value))
-    assert len(kinds) >= 50
+    catalog_kinds = _catalog_kinds()
+    for kind, make_item in catalog_kinds.items():
+        for n in range(5):
+            key, value = make_item(rng, n)
+            messages.insert(rng.randrange(len(messages) + 1), (kind, "catalog", key, value))
+    kinds |= catalog_kinds
+    assert len(kinds) >= 60
 
     prod = producer(settings.kafka, max_request_size=2_000_000, linger_ms=20)
     futures = []
