@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import faust
 from faust.types import EventT
 
-from agents.supervision import Supervisor, dead_letter, describe
+from agents.supervision import Supervisor, dead_letter
 from streamrec.catalog import Catalog
 from streamrec.errors import InvalidMessage
 from streamrec.events import (
@@ -179,30 +179,14 @@ def register(app: faust.App, settings: Settings, supervisor: Supervisor) -> None
     async def generate(
         loop: asyncio.AbstractEventLoop, batch: list[tuple[EventT[bytes], HistoryUpdate]]
     ) -> list[tuple[HistoryUpdate, Recommendation]]:
-        """The batch's recommendations. When the batch fails, each user is tried alone: a history that
-        breaks generation goes to the dead-letter topic, and the others are served. When every one of
-        several fails on its own too, the fault is not theirs (the model, the device): it propagates."""
-        trend = read_trending(trending.values)
+        """The batch's recommendations; a history that breaks generation on its own is dead-lettered."""
         updates = [u for _, u in batch]
-        try:
-            recs = await loop.run_in_executor(executor, generator.generate, updates, trend)
-            return list(zip(updates, recs, strict=True))
-        except Exception as exc:
-            log.warning("a batch of %d failed (%s); trying each user alone", len(batch), describe(exc))
-        served: list[tuple[HistoryUpdate, Recommendation]] = []
-        failed: list[tuple[EventT[bytes], Exception]] = []
-        for raw, update in batch:
-            try:
-                (rec,) = await loop.run_in_executor(executor, generator.generate, [update], trend)
-            except Exception as alone:
-                failed.append((raw, alone))
-                continue
-            served.append((update, rec))
-        if failed and not served and len(batch) > 1:
-            raise failed[0][1]
-        for raw, error in failed:
-            await dead_letter(dlq, settings, raw.message, error)
-        return served
+        served, failed = await loop.run_in_executor(
+            executor, generator.generate_each, updates, read_trending(trending.values)
+        )
+        for n, exc in failed:
+            await dead_letter(dlq, settings, batch[n][0].message, exc)
+        return [(updates[n], rec) for n, rec in served]
 
     @app.agent(updates, name="infer")
     async def infer(stream: faust.StreamT[bytes]) -> None:

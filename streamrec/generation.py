@@ -141,6 +141,31 @@ class Generator:
             self.recommender.load_adapter(str(folder), version=announcement.version, blend=blend)
         log.info("adapter %s in service", announcement.version)
 
+    def generate_each(
+        self, updates: Sequence[HistoryUpdate], trending: Mapping[str, float]
+    ) -> tuple[list[tuple[int, Recommendation]], list[tuple[int, Exception]]]:
+        """`generate`, with one user's failure kept to that user: when the batch fails, each user is
+        tried alone. Returns (index, recommendation) for the users served and (index, exception) for
+        the ones that failed alone. When every one of several fails alone too, the fault is not
+        theirs (the model, the device) and the batch's exception is raised."""
+        try:
+            return list(enumerate(self.generate(updates, trending))), []
+        except Exception as exc:
+            if len(updates) == 1:
+                return [], [(0, exc)]
+            log.warning("a batch of %d failed (%s: %s); trying each user alone", len(updates), type(exc).__name__, exc)
+            failure = exc
+        served: list[tuple[int, Recommendation]] = []
+        failed: list[tuple[int, Exception]] = []
+        for n, update in enumerate(updates):
+            try:
+                served.append((n, self.generate([update], trending)[0]))
+            except Exception as alone:
+                failed.append((n, alone))
+        if not served:
+            raise failure
+        return served, failed
+
     def generate(self, updates: Sequence[HistoryUpdate], trending: Mapping[str, float]) -> list[Recommendation]:
         if self.recommender is None:
             raise RuntimeError("no catalog yet: call set_catalog first")
