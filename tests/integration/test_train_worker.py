@@ -23,7 +23,8 @@ from test_adapters import metric, recommendations
 from test_infer import as_raw, wait_for_final
 from walks import CATALOG_ITEMS, ITEMS, walk
 
-from streamrec.broker import create_topics, free_port
+from streamrec.broker import create_topics, free_port, read_topic
+from streamrec.events import DeadLetter
 from streamrec.feedback_store import ExampleStore
 from streamrec.generation import tiny_dir
 from streamrec.online import Cursor
@@ -262,12 +263,20 @@ def test_sigkill_mid_stream_loses_no_example_and_counts_none_twice(make_settings
         # Old events re-sent after the restart, mixed with new ones: none may count again.
         resent = [as_raw(settings, e) for e in random.Random(5).sample(first, 200)]
         fresh = [as_raw(settings, e) for e in second]
-        send_raw(settings, fresh[:300] + resent + fresh[300:], ends=ends)
+        # Bad recommendations are dead-lettered here (only this worker reads them); bad events are
+        # skipped and counted, since the ingest worker dead-letters those.
+        bad_recs = [(topics.recommendations, "user02", b"[1, 2]"), (topics.recommendations, "user03", b"[" * 9999)]
+        send_raw(settings, fresh[:300] + bad + bad_recs + resent + fresh[300:], ends=ends)
+        inputs.add(topics.recommendations)
         wait_caught_up(settings.kafka, group, {tp: n for tp, n in ends.items() if tp.topic in inputs}, 240, proc)
         # The store's own count, restored from disk at the restart, agrees.
         assert metric(settings.web_port, "streamrec_feedback_store_examples") == len(stream)
+        # (>=: the first run's bad events may be read again after the kill)
+        assert metric(settings.web_port, "streamrec_feedback_skipped_total") >= len(bad)
     finally:
         stop_process(proc)
+    letters = [DeadLetter.model_validate_json(r.value) for r in read_topic(settings.kafka, topics.dlq)]
+    assert sorted((d.topic, d.raw_bytes()) for d in letters) == sorted((t, v) for t, _, v in bad_recs)
 
     store = ExampleStore(settings.data_dir / "feedback", settings.online.capacity)
     try:
