@@ -69,11 +69,12 @@ def verified_adapter(settings: Settings, announcement: AdapterAnnouncement) -> I
     """A private copy of an announced adapter, once the announcement is signed with the configured
     key (when there is one), names its version's directory in this worker's registry, and every
     file of that directory matches its announced sha256; removed on exit. Cheapest checks first:
-    nothing on disk is read for an announcement that fails its signature."""
+    nothing on disk is read for an announcement that fails its signature. The copy lives in the
+    worker's own data dir, not the shared registry (and not /tmp, which a pod may not be able to write)."""
     check_signature(announcement, settings.adapter_key)
     folder = announced_dir(registry_root(settings), announcement)
     files = announced_files(announcement)
-    with private_copy(folder, files, announcement.version) as copy:
+    with private_copy(folder, files, announcement.version, settings.data_dir / "adapter-copies") as copy:
         yield copy
 
 

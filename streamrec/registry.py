@@ -218,11 +218,16 @@ def announced_files(announcement: AdapterAnnouncement) -> dict[str, str]:
 
 
 @contextmanager
-def private_copy(directory: str | Path, files: Mapping[str, str], version: str) -> Iterator[Path]:
-    """A copy of the adapter in a fresh private temporary directory, checked against `files`, removed
-    on exit. Load from the copy: nothing another process writes to the registry after the check can
-    reach the model (checking the shared files, then loading them, would leave that gap)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"streamrec-{version}-"))  # mode 0700
+def private_copy(
+    directory: str | Path, files: Mapping[str, str], version: str, workdir: str | Path | None = None
+) -> Iterator[Path]:
+    """A copy of the adapter in a fresh private temporary directory (under `workdir`, default the
+    system's), checked against `files`, removed on exit. Load from the copy: nothing another process
+    writes to the registry after the check can reach the model (checking the shared files, then
+    loading them, would leave that gap)."""
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"streamrec-{version}-", dir=workdir))  # mode 0700
     try:
         copy = tmp / "adapter"
         try:

@@ -287,7 +287,8 @@ def test_a_blend_shipped_with_an_adapter_is_under_the_manifest_and_the_announcem
     ann = reg.announcement(m)
     assert ann.blend_sha256 == m.blend_sha256 and ann.files is not None and ann.files[BLEND] == m.blend_sha256
     with verified_adapter(settings, ann) as copy:
-        assert (copy / BLEND).read_bytes() == b"neighbours" and copy != reg.root / m.version
+        assert (copy / BLEND).read_bytes() == b"neighbours" and copy.parent.parent == tmp_path / "adapter-copies"
+    assert list((tmp_path / "adapter-copies").iterdir()) == []  # removed once loaded
     reg.promote(m.version)
 
     # A tampered or missing blend is refused like tampered weights, by the registry and the worker.
