@@ -125,10 +125,12 @@ def register(app: faust.App, settings: Settings, supervisor: Supervisor) -> None
                 users[key] = user.to_bytes()  # faust persists only on assignment
                 remember(key, user)
 
-    register_trainer(app, settings, store, adapters_topic)
+    register_trainer(app, settings, store, adapters_topic, supervisor)
 
 
-def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, adapters_topic: faust.TopicT) -> None:
+def register_trainer(
+    app: faust.App, settings: Settings, store: ExampleStore, adapters_topic: faust.TopicT, supervisor: Supervisor
+) -> None:
     # The training stack is imported here, before the event loop runs: importing torch,
     # transformers and peft holds the GIL for long stretches (most of a second on a busy machine),
     # which in the training thread would stall the loop, its heartbeats and /healthz.
@@ -141,7 +143,7 @@ def register_trainer(app: faust.App, settings: Settings, store: ExampleStore, ad
 
     cfg = settings.online
     catalog = TopicMirror(settings.kafka, settings.topics.catalog)
-    app.add_future(catalog.run())
+    app.add_future(supervisor.guard(f"mirror of {catalog.topic}", catalog.run()))
     registry = AdapterRegistry(registry_root(settings))
     if adapter_key(settings.adapter_key) is None:  # an empty key fails here, at start
         log.warning("STREAMREC_ADAPTER_KEY is not set: adapter announcements go out unsigned")
