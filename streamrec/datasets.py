@@ -15,6 +15,7 @@ from typing import Literal
 from streamrec.catalog import Catalog
 from streamrec.errors import StreamrecError
 from streamrec.events import CatalogItem
+from streamrec.instructions import HistoryItem
 
 Format = Literal["recbole", "csv", "seq"]
 FORMATS: tuple[Format, ...] = ("recbole", "csv", "seq")
@@ -227,3 +228,52 @@ def write_recbole(dataset: Dataset, inter_path: str | Path) -> None:
         for item in dataset.catalog:
             clean = [" ".join((v or "").split()) for v in (item.title, item.category, item.description)]
             f.write("\t".join([item.item_id, *clean]) + "\n")
+
+
+# ---- the offline protocol's split: leave-one-out per user in time order (last interaction = test,
+# second last = validation, the rest = train)
+
+
+def sequences(events: Iterable[LogEvent]) -> dict[str, list[HistoryItem]]:
+    """Each user's history in time order; equal timestamps keep the file order."""
+    by_user: dict[str, list[LogEvent]] = {}
+    for e in events:
+        by_user.setdefault(e.user_id, []).append(e)
+    return {
+        u: [HistoryItem(e.item_id, e.type) for e in sorted(evs, key=lambda e: (e.ts, e.order))]
+        for u, evs in by_user.items()
+    }
+
+
+@dataclass(frozen=True)
+class Split:
+    """train: every user's history except the held-out items; valid/test: the held-out item of
+    each user with at least three interactions (shorter users only train)."""
+
+    train: dict[str, list[HistoryItem]]
+    valid: dict[str, HistoryItem]
+    test: dict[str, HistoryItem]
+
+    def history(self, user: str, stage: str) -> list[HistoryItem]:
+        """What the model sees before predicting `stage` ('valid' or 'test') for `user`."""
+        if stage == "valid":
+            return self.train[user]
+        if stage == "test":
+            return [*self.train[user], self.valid[user]]
+        raise ValueError(f"stage must be 'valid' or 'test', not {stage!r}")
+
+    def targets(self, stage: str) -> dict[str, str]:
+        held = self.valid if stage == "valid" else self.test
+        return {u: h.item_id for u, h in held.items()}
+
+
+def leave_one_out(events: Iterable[LogEvent]) -> Split:
+    train: dict[str, list[HistoryItem]] = {}
+    valid: dict[str, HistoryItem] = {}
+    test: dict[str, HistoryItem] = {}
+    for user, seq in sequences(events).items():
+        if len(seq) >= 3:
+            train[user], valid[user], test[user] = seq[:-2], seq[-2], seq[-1]
+        else:
+            train[user] = seq
+    return Split(train=train, valid=valid, test=test)

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamrec.evaluation import rank_metrics
 from streamrec.feedback import FeedbackExample
+from streamrec.ranking import rank_metrics
 
 GATED_METRICS = ("HR@10", "NDCG@10")
 # Metrics are means over a few hundred examples, so 0.4 - 0.3 must not read as a drop beyond 0.1.

@@ -11,11 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamrec.baselines import Blend
 from streamrec.catalog import Catalog
 from streamrec.errors import InvalidMessage, ModelError
 from streamrec.events import AdapterAnnouncement, HistoryUpdate, Recommendation, RecommendedItem, utcnow
 from streamrec.instructions import RecRequest
+from streamrec.model.blend import Blend
 from streamrec.registry import (
     BLEND,
     WEIGHTS,
@@ -32,7 +32,7 @@ from streamrec.settings import Settings, registry_root
 from streamrec.signing import AdapterBadSignature, AdapterUnsigned, check_signature
 
 if TYPE_CHECKING:
-    from streamrec.model import Recommender
+    from streamrec.model.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def tiny_dir(settings: Settings) -> Path:
 def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
     """The configured model over `catalog`: a hub id or directory, or `tiny` (the trained tiny
     model under the data dir when there is one, else an untrained one built for this catalog)."""
-    from streamrec.model import Recommender
+    from streamrec.model.recommender import Recommender
 
     cfg = settings.model
     if cfg.base == TINY:

@@ -168,7 +168,7 @@ def refit_weights(
     examples (`tune`) by the model in service, which has not trained on them, mixed with statistics
     refitted on everything else in `kept` (the store but the hold-out): nothing sees its own targets,
     so the weights are what the next stretch of traffic will meet."""
-    from streamrec.offline import blend_weights
+    from streamrec.model.blend import blend_weights
 
     cfg = settings.online
     tune = [e for e in train if fresh(e) and e.target in nameable][-cfg.weights_examples :]
@@ -199,7 +199,7 @@ def run_increment(
     `target_transform` lets a drill corrupt the training examples (a deliberately bad adapter must be
     refused)."""
     from streamrec.generation import adapter_blend, load_recommender
-    from streamrec.model import Trainer, seed_everything
+    from streamrec.model.recommender import Trainer, seed_everything
 
     started = time.monotonic()
     cfg = settings.online

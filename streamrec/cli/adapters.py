@@ -19,8 +19,8 @@ console = Console()
 
 
 def _announce(settings: Settings, manifest: object) -> None:
-    from streamrec.broker import producer
     from streamrec.events import ADAPTER_KEY
+    from streamrec.kafka.broker import producer
     from streamrec.registry import AdapterRegistry, Manifest
 
     assert isinstance(manifest, Manifest)

@@ -60,9 +60,9 @@ def train(
 ) -> None:
     """Bootstrap a recommender on a historical log: full training (from scratch for 'tiny'), or a LoRA
     increment with --lora. Early-stops on validation NDCG@10 (each user's second-last item)."""
-    from streamrec.evaluation import leave_one_out
+    from streamrec.datasets import leave_one_out
     from streamrec.instructions import Instructions
-    from streamrec.training import train as run_train
+    from streamrec.model.training import train as run_train
 
     _threads()
     if lora and base == "tiny":
@@ -103,10 +103,11 @@ def evaluate(
 ) -> None:
     """Offline evaluation: leave-one-out in time order, full ranking, history excluded; HR@5/10,
     NDCG@5/10, MRR, coverage@10 for streamrec and the popularity, item-kNN and Markov baselines."""
-    from streamrec.evaluation import PROTOCOL, leave_one_out
-    from streamrec.model import Recommender, resolve_device
-    from streamrec.offline import compare, plot
-    from streamrec.training import train as run_train
+    from streamrec.datasets import leave_one_out
+    from streamrec.lab.offline import compare, plot
+    from streamrec.model.recommender import Recommender, resolve_device
+    from streamrec.model.training import train as run_train
+    from streamrec.ranking import PROTOCOL
 
     threads = _threads()
     dataset = _load(data, fmt)
@@ -180,7 +181,7 @@ def replay(
     """Prequential evaluation through the real stack (embedded broker, real workers): bootstrap on the
     first part of the log, then replay it all as events, once for a frozen model and once with the
     train worker learning online; HR@10 / NDCG@10 of the recommendation in force at each event."""
-    from streamrec import replay as replay_mod
+    from streamrec.lab import replay as replay_mod
 
     _threads()
     bad = sorted(set(mode) - set(replay_mod.MODES))
@@ -220,7 +221,7 @@ def bench_levers(
 ) -> None:
     """Second-half HR@10 of the prequential protocol, in process, lever by lever: the frozen blend,
     its statistics refitted online, its weights too, and (optionally) a T5 retrained at the midpoint."""
-    from streamrec.bench.levers import run
+    from streamrec.lab.bench.levers import run
 
     _threads()
     run(

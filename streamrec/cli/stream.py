@@ -26,7 +26,7 @@ def broker(
     create: bool = typer.Option(True, help="Create streamrec's topics once the broker is up."),
 ) -> None:
     """Run the embedded Kafka-compatible broker (Tansu, in memory) in the foreground."""
-    from streamrec.broker import EmbeddedBroker, create_topics
+    from streamrec.kafka.broker import EmbeddedBroker, create_topics
 
     settings = _settings()
     with EmbeddedBroker(port=port) as embedded:
@@ -76,7 +76,7 @@ def run_worker(role: str, loglevel: str, create: bool) -> None:
     import faust
 
     from agents.app import create_app
-    from streamrec.broker import create_topics, seal_partitions
+    from streamrec.kafka.broker import create_topics, seal_partitions
 
     settings = _settings()
     if create:
@@ -148,8 +148,8 @@ def simulate(
     item series and a click-to-purchase funnel."""
     from rich.progress import Progress
 
-    from streamrec.simulate import SimConfig, generate_events, make_catalog, write_catalog, write_log
-    from streamrec.traffic import send_catalog, send_events
+    from streamrec.lab.simulate import SimConfig, generate_events, make_catalog, write_catalog, write_log
+    from streamrec.lab.traffic import send_catalog, send_events
 
     cfg = SimConfig(users=users, items=items, seed=seed)
     if out is not None:
@@ -182,7 +182,7 @@ def bench_ingest(
     out: Path = typer.Option(Path("bench-ingest.json"), help="Where to write the JSON report."),
 ) -> None:
     """Ingest worker events/s against a raw aiokafka consumer on the same broker and events."""
-    from streamrec.bench.ingest import run
+    from streamrec.lab.bench.ingest import run
 
     run(events, out, users=users)
 
@@ -202,7 +202,7 @@ def bench_infer(
 
     import torch
 
-    from streamrec.bench.infer import run
+    from streamrec.lab.bench.infer import run
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads or usable)
@@ -218,7 +218,7 @@ def demo(
     seed: int = typer.Option(7, help="Random seed of the simulated traffic."),
 ) -> None:
     """The whole pipeline on this machine: embedded broker, workers, simulated traffic, live view."""
-    from streamrec.demo import run
+    from streamrec.lab.demo import run
 
     raise typer.Exit(run(duration, rate, users, items, seed))
 
@@ -233,7 +233,7 @@ def bench_e2e(
     out: Path = typer.Option(Path("bench-e2e.json"), help="Where to write the JSON report."),
 ) -> None:
     """Freshness (trigger event in Kafka -> recommendation in Kafka) p50/p99 at a fixed event rate."""
-    from streamrec.bench.e2e import run
+    from streamrec.lab.bench.e2e import run
 
     run(rate, duration, out, model=model, users=users, items=items)
 
@@ -248,8 +248,8 @@ def tail(
 
     from kafka import KafkaConsumer
 
-    from streamrec.broker import read_topic
     from streamrec.events import CatalogItem, Recommendation
+    from streamrec.kafka.broker import read_topic
     from streamrec.settings import client_config
 
     settings = _settings()

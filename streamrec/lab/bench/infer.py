@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from streamrec.bench import machine, write_report
 from streamrec.catalog import Catalog, ScoredItem
 from streamrec.events import Event
 from streamrec.instructions import RecRequest
-from streamrec.model import Recommender, TinyConfig
-from streamrec.simulate import SimConfig, generate_events, make_catalog
+from streamrec.lab.bench import machine, write_report
+from streamrec.lab.simulate import SimConfig, generate_events, make_catalog
+from streamrec.model.recommender import Recommender, TinyConfig
 
 K = 10
 HISTORY = 20  # events per user history: each user's last ones

@@ -22,11 +22,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from streamrec.baselines import Blend, top_k
 from streamrec.catalog import Catalog, ItemTrie, SchemeName, ScoredItem, build_trie, identifiers, item_token
 from streamrec.errors import ModelError
 from streamrec.events import ModelVersion
 from streamrec.instructions import DEFAULT_TEMPLATES, Instructions, RecRequest, item_texts
+from streamrec.model.blend import Blend, top_k
 from streamrec.registry import BLEND
 
 # transformers 5 draws a progress bar for every load and save; a worker's log has no use for them.

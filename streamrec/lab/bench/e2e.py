@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamrec.bench import machine, write_report
 from streamrec.events import Recommendation
-from streamrec.runner import local_stack, running_workers
+from streamrec.lab.bench import machine, write_report
+from streamrec.lab.runner import local_stack, running_workers
+from streamrec.lab.simulate import SimConfig, generate_events, make_catalog
+from streamrec.lab.traffic import SendStats, send_catalog, send_events
 from streamrec.settings import Settings, client_config
-from streamrec.simulate import SimConfig, generate_events, make_catalog
-from streamrec.traffic import SendStats, send_catalog, send_events
 
 
 def _collect(settings: Settings, out: list[tuple[float, str, int]], stop: threading.Event) -> None:

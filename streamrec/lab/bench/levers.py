@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.baselines import Blend, top_k
-from streamrec.bench import machine, write_report
 from streamrec.datasets import Dataset, LogEvent
 from streamrec.instructions import HistoryItem, RecRequest, excluded
-from streamrec.offline import weights_on
-from streamrec.prequential import K, Outcome, Plan, plan, report
+from streamrec.lab.bench import machine, write_report
+from streamrec.lab.prequential import K, Outcome, Plan, plan, report
+from streamrec.model.blend import Blend, top_k, weights_on
 
 CHUNK = 500  # events scored between two looks at the refit schedule
 HISTORY = 50  # the newest history items a request carries, as the inference worker's
@@ -142,9 +141,9 @@ def run_lever(
 def retrained_probs(stream: Stream, model_dir: Path, minutes: float, log: Any) -> np.ndarray:
     """The T5 fine-tuned on bootstrap + first half of the replay, for the second half's requests
     (the first half keeps the frozen model's)."""
-    from streamrec.evaluation import leave_one_out
+    from streamrec.datasets import leave_one_out
+    from streamrec.model.training import train
     from streamrec.settings import load_settings
-    from streamrec.training import train
 
     half = len(stream.events) // 2
     split = leave_one_out([*stream.plan.bootstrap, *stream.events[:half]])
@@ -170,7 +169,7 @@ def run(
     retrain_minutes: float = 0.0,
     log: Any = print,
 ) -> dict[str, Any]:
-    from streamrec.model import Recommender
+    from streamrec.model.recommender import Recommender
 
     the_plan = plan(dataset.events, bootstrap_share, windows)
     rec = Recommender.load(str(model_dir), "cpu", catalog=dataset.catalog)

@@ -27,11 +27,11 @@ from rich.panel import Panel
 from rich.table import Table
 
 from streamrec.events import Event, Recommendation
+from streamrec.lab.runner import local_stack, running_workers
+from streamrec.lab.simulate import SimConfig, generate_events, make_catalog
+from streamrec.lab.traffic import SendStats, send_catalog, send_events
 from streamrec.online import increments_path
-from streamrec.runner import local_stack, running_workers
 from streamrec.settings import Settings, client_config
-from streamrec.simulate import SimConfig, generate_events, make_catalog
-from streamrec.traffic import SendStats, send_catalog, send_events
 
 TRAIN_EVENTS = 15_000  # simulated history the tiny model learns from before the live stream
 # The train worker, scaled to a demo: look every 15 s, train on the newest 1,000 examples (a few
@@ -228,11 +228,10 @@ def prepare_model(settings: Settings, cfg: SimConfig, history: list[Event], cons
         return base
     if base != TINY:
         console.print(f"[yellow]model {base!r} is not available offline: training the tiny T5 instead[/]")
-    from streamrec.datasets import LogEvent
-    from streamrec.evaluation import leave_one_out
-    from streamrec.model import resolve_device
+    from streamrec.datasets import LogEvent, leave_one_out
+    from streamrec.model.recommender import resolve_device
+    from streamrec.model.training import train
     from streamrec.settings import TrainSettings
-    from streamrec.training import train
 
     log = [LogEvent(e.user_id, e.item_id, e.ts.timestamp(), e.type.value, n) for n, e in enumerate(history)]
     budget = TrainSettings(epochs=6, max_minutes=1.0, eval_users=200, patience=2)

@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamrec.broker import producer
 from streamrec.events import CatalogItem, Event, EventType
+from streamrec.kafka.broker import producer
 from streamrec.settings import Settings
 
 

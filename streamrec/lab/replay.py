@@ -20,8 +20,8 @@ from typing import Any
 from streamrec.catalog import Catalog
 from streamrec.datasets import Dataset, LogEvent
 from streamrec.events import Event, EventType, Recommendation
+from streamrec.lab.prequential import PROTOCOL, Outcome, Plan, plan, report, user_steps
 from streamrec.online import Cursor, increments_path, read_increments
-from streamrec.prequential import PROTOCOL, Outcome, Plan, plan, report, user_steps
 from streamrec.settings import Settings, TopicSettings, client_config
 
 Log = Callable[[str], None]
@@ -46,10 +46,10 @@ def bootstrap(
 ) -> tuple[dict[str, Any], float]:
     """Train the model on the bootstrap part (offline protocol inside it), fit and save its blend;
     returns the offline metrics of that part and the training seconds."""
-    from streamrec.evaluation import leave_one_out
-    from streamrec.offline import compare
+    from streamrec.datasets import leave_one_out
+    from streamrec.lab.offline import compare
+    from streamrec.model.training import train
     from streamrec.settings import load_settings
-    from streamrec.training import train
 
     split = leave_one_out(the_plan.bootstrap)
     settings = load_settings()
@@ -187,9 +187,9 @@ def run_mode(
     """Replay the whole log through a fresh stack; the online mode adds the train worker."""
     from tqdm.auto import tqdm
 
-    from streamrec.broker import create_topics, producer
-    from streamrec.runner import committed_offsets, local_stack, running_workers, wait_caught_up
-    from streamrec.traffic import event_topic, send_catalog, send_events
+    from streamrec.kafka.broker import create_topics, producer
+    from streamrec.lab.runner import committed_offsets, local_stack, running_workers, wait_caught_up
+    from streamrec.lab.traffic import event_topic, send_catalog, send_events
 
     since = datetime.fromtimestamp(the_plan.bootstrap[-1].ts, UTC)
     started = time.monotonic()
@@ -314,7 +314,7 @@ def run(
     online: dict[str, Any] | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
-    from streamrec.bench import machine
+    from streamrec.lab.bench import machine
 
     the_plan = plan(dataset.events, bootstrap_share, windows)
     log(

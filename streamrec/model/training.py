@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from streamrec.catalog import Catalog, SchemeName
-from streamrec.evaluation import Split, rank_metrics
+from streamrec.datasets import Split
 from streamrec.instructions import Instructions, RecRequest, training_pairs
-from streamrec.model import Recommender, TinyConfig, Trainer, seed_everything
+from streamrec.model.recommender import Recommender, TinyConfig, Trainer, seed_everything
+from streamrec.ranking import rank_metrics
 from streamrec.settings import TrainSettings
 
 

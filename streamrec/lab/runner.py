@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from streamrec.broker import die_with_parent
 from streamrec.errors import StreamrecError
+from streamrec.kafka.broker import die_with_parent
 from streamrec.settings import KafkaSettings, Settings, client_config, to_env
 
 
@@ -111,7 +111,7 @@ def local_stack(base: Settings, say: Callable[[str], None] = print) -> Iterator[
     """Settings for a pipeline on this machine: the configured broker when
     STREAMREC_KAFKA__BOOTSTRAP_SERVERS is set, else an embedded one (and a fresh temporary data
     directory, since local state from an earlier broker would not match a new one)."""
-    from streamrec.broker import EmbeddedBroker, create_topics
+    from streamrec.kafka.broker import EmbeddedBroker, create_topics
 
     with contextlib.ExitStack() as stack:
         if "STREAMREC_KAFKA__BOOTSTRAP_SERVERS" in os.environ:
@@ -133,7 +133,7 @@ def running_workers(
 ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """Start one worker per role (each on a free web port), wait until each answers, and stop them
     all on exit, whatever happens."""
-    from streamrec.broker import free_port
+    from streamrec.kafka.broker import free_port
 
     logs = settings.data_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

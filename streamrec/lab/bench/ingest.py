@@ -11,13 +11,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from streamrec.bench import machine, write_report
-from streamrec.broker import EmbeddedBroker, create_topics, free_port, read_topic
 from streamrec.events import Event, parse
-from streamrec.runner import spawn_worker, stop_process, wait_caught_up, wait_http
+from streamrec.kafka.broker import EmbeddedBroker, create_topics, free_port, read_topic
+from streamrec.lab.bench import machine, write_report
+from streamrec.lab.runner import spawn_worker, stop_process, wait_caught_up, wait_http
+from streamrec.lab.simulate import SimConfig, generate_events
+from streamrec.lab.traffic import send_events
 from streamrec.settings import KafkaSettings, Settings, TopicSettings, client_config
-from streamrec.simulate import SimConfig, generate_events
-from streamrec.traffic import send_events
 
 
 async def raw_consume(kafka: KafkaSettings, topics: list[str], count: int) -> tuple[int, float]:

@@ -1,19 +1,24 @@
-"""The simple recommenders every report compares against: popularity, item-kNN (cosine over
-co-occurrence, scored from the user's recent items) and first-order Markov (last item -> next item).
-numpy only, memory bounded by a neighbour cut-off so a 12k-item catalog stays small."""
+"""The served blend: the cheap sequential signals (item-kNN over co-occurrence, first-order Markov)
+that the T5's scores are mixed with, the mix itself, and how its weights are chosen. numpy only,
+memory bounded by a neighbour cut-off so a large catalog stays small."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from streamrec.catalog import ScoredItem
-from streamrec.instructions import HistoryItem
+from streamrec.instructions import HistoryItem, RecRequest
+
+if TYPE_CHECKING:
+    from streamrec.model.recommender import Recommender
 
 FloatArray = npt.NDArray[np.float32]
+
 # Ties and empty signals fall back to popularity, scaled so it never outranks a real signal.
 _POP_TIE = 1e-6
 
@@ -68,13 +73,6 @@ class Baseline:
         s = self.scores(history).astype(np.float64)
         top = top_k(s, [self.index[i] for i in exclude if i in self.index], k)
         return [ScoredItem(self.items[n], float(s[n])) for n in top]
-
-
-class Popularity(Baseline):
-    name = "popularity"
-
-    def _scores(self, history: list[int]) -> FloatArray:
-        return self._pop_norm().copy()
 
 
 class ItemKNN(Baseline):
@@ -185,10 +183,6 @@ class Markov(Baseline):
             last = history[-1]
             s[self.next_idx[last]] = self.next_cnt[last]
         return s
-
-
-def all_baselines() -> list[Baseline]:
-    return [Popularity(), ItemKNN(), Markov()]
 
 
 class Blend:
@@ -325,3 +319,25 @@ def fit_blend_weights(
             if ndcg > best[2] + 1e-9:
                 best = (a, b, ndcg)
     return best
+
+
+def blend_weights(
+    rec: Recommender, blend: Blend, requests: Sequence[RecRequest], targets: Sequence[str]
+) -> tuple[float, float, float]:
+    """(w_knn, w_markov, NDCG@10) of `blend`'s signals mixed with `rec`'s model (as it is now, without
+    a blend) on `requests`, whose next items are `targets`: see `fit_blend_weights`."""
+    p_model = np.exp(rec.item_log_probs(requests))
+    return weights_on(p_model, blend, rec.single_token_items, requests, targets)
+
+
+def weights_on(
+    p_model: np.ndarray, blend: Blend, items: Sequence[str], requests: Sequence[RecRequest], targets: Sequence[str]
+) -> tuple[float, float, float]:
+    """`blend_weights` with the model's distributions over `items` already computed (a row per request)."""
+    cols = {item: c for c, item in enumerate(items)}
+    sig = [blend.signals([h.item_id for h in r.history], items) for r in requests]
+    p_knn = np.stack([s[0] for s in sig])
+    p_markov = np.stack([s[1] for s in sig])
+    tcols = [cols.get(t, 0) for t in targets]
+    banned = [[cols[i] for i in r.exclude if i in cols] for r in requests]
+    return fit_blend_weights(p_model, p_knn, p_markov, tcols, banned)

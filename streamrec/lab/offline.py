@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from streamrec.baselines import Baseline, Blend, ItemKNN, Markov, Popularity, fit_blend_weights
 from streamrec.catalog import Catalog, ScoredItem
-from streamrec.evaluation import Split, rank_metrics
+from streamrec.datasets import Split
 from streamrec.instructions import RecRequest
-from streamrec.model import Recommender
+from streamrec.lab.baselines import Popularity
+from streamrec.model.blend import Baseline, Blend, ItemKNN, Markov, blend_weights
+from streamrec.model.recommender import Recommender
+from streamrec.ranking import rank_metrics
 
 KNN_RECENT = (1, 2, 3, 5, 10, 20)
 BLEND_USERS = 2000
@@ -66,28 +68,6 @@ def tuned_itemknn(split: Split, items: Sequence[str], log: Callable[[str], None]
     )
     log(f"item-kNN: scoring from the {knn.recent} most recent items (validation NDCG@10 {best[0]:.4f})")
     return knn
-
-
-def blend_weights(
-    rec: Recommender, blend: Blend, requests: Sequence[RecRequest], targets: Sequence[str]
-) -> tuple[float, float, float]:
-    """(w_knn, w_markov, NDCG@10) of `blend`'s signals mixed with `rec`'s model (as it is now, without
-    a blend) on `requests`, whose next items are `targets`: see `fit_blend_weights`."""
-    p_model = np.exp(rec.item_log_probs(requests))
-    return weights_on(p_model, blend, rec.single_token_items, requests, targets)
-
-
-def weights_on(
-    p_model: np.ndarray, blend: Blend, items: Sequence[str], requests: Sequence[RecRequest], targets: Sequence[str]
-) -> tuple[float, float, float]:
-    """`blend_weights` with the model's distributions over `items` already computed (a row per request)."""
-    cols = {item: c for c, item in enumerate(items)}
-    sig = [blend.signals([h.item_id for h in r.history], items) for r in requests]
-    p_knn = np.stack([s[0] for s in sig])
-    p_markov = np.stack([s[1] for s in sig])
-    tcols = [cols.get(t, 0) for t in targets]
-    banned = [[cols[i] for i in r.exclude if i in cols] for r in requests]
-    return fit_blend_weights(p_model, p_knn, p_markov, tcols, banned)
 
 
 def compare(
