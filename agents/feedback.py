@@ -136,7 +136,7 @@ def register_trainer(
     # which in the training thread would stall the loop, its heartbeats and /healthz.
     import peft  # noqa: F401
 
-    from streamrec.model import set_threads
+    from streamrec.model.recommender import set_threads
     from streamrec.online import Cursor, advance, append_increment, run_increment
 
     set_threads(settings.model.threads)

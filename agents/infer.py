@@ -111,7 +111,7 @@ def read_trending(table: Mapping[bytes, bytes]) -> dict[str, float]:
 def register(app: faust.App, settings: Settings, supervisor: Supervisor) -> None:
     # Imported now, before the event loop runs: a first import of torch and transformers inside the
     # generation thread holds the GIL long enough to stall the loop, its heartbeats and /healthz.
-    from streamrec.model import set_threads
+    from streamrec.model.recommender import set_threads
 
     set_threads(settings.model.threads)
     topics, serve = settings.topics, settings.serve

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from streamrec.broker import EmbeddedBroker, free_port
+from streamrec.kafka.broker import EmbeddedBroker, free_port
 from streamrec.settings import KafkaSettings, Settings, TopicSettings
 
 MakeSettings = Callable[..., Settings]

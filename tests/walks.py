@@ -20,10 +20,9 @@ def walk(start: int, length: int) -> list[str]:
 def train_walk_model(out: Path) -> Path:
     """A tiny model that knows the pattern, saved like a hub checkpoint (about 20 s on 2 cores)."""
     from streamrec.catalog import Catalog
-    from streamrec.datasets import LogEvent
-    from streamrec.evaluation import leave_one_out
+    from streamrec.datasets import LogEvent, leave_one_out
+    from streamrec.model.training import train
     from streamrec.settings import TrainSettings
-    from streamrec.training import train
 
     rng = random.Random(0)
     events: list[LogEvent] = []

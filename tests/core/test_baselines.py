@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamrec.baselines import Blend, ItemKNN, Markov, Popularity, fit_blend_weights
 from streamrec.instructions import HistoryItem
+from streamrec.lab.baselines import Popularity
+from streamrec.model.blend import Blend, ItemKNN, Markov, fit_blend_weights
 
 
 def _train(rows: dict[str, str]) -> dict[str, list[HistoryItem]]:

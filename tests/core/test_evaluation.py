@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from streamrec.datasets import LogEvent
-from streamrec.evaluation import leave_one_out, rank_metrics, sequences
+from streamrec.datasets import LogEvent, leave_one_out, sequences
+from streamrec.ranking import rank_metrics
 
 
 def test_split_holds_out_the_last_two_items_in_time_order() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from streamrec.events import CatalogItem, Event, EventType
-from streamrec.simulate import SimConfig, generate_events, make_catalog, write_catalog, write_log
+from streamrec.lab.simulate import SimConfig, generate_events, make_catalog, write_catalog, write_log
 
 COUNT = 20_000
 CFG = SimConfig()

@@ -9,8 +9,8 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from streamrec.broker import producer
-from streamrec.runner import spawn_worker, wait_caught_up, wait_http
+from streamrec.kafka.broker import producer
+from streamrec.lab.runner import spawn_worker, wait_caught_up, wait_http
 from streamrec.settings import Settings
 
 Ends = dict[Any, int]

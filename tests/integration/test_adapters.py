@@ -18,7 +18,7 @@ from test_infer import as_raw, catalog, run_pipeline, send_and_finish, user_even
 from streamrec.catalog import Catalog
 from streamrec.events import ADAPTER_KEY, AdapterAnnouncement, Recommendation
 from streamrec.generation import ADAPTER_WEIGHTS
-from streamrec.runner import stop_process
+from streamrec.lab.runner import stop_process
 from streamrec.settings import Settings
 from streamrec.signing import check_signature, sign
 
@@ -31,7 +31,7 @@ def make_adapter(items: Any, out: Path) -> Path:
     """A LoRA adapter for the same tiny model the worker builds, with non-zero weights."""
     from peft import LoraConfig, get_peft_model
 
-    from streamrec.model import Recommender
+    from streamrec.model.recommender import Recommender
 
     rec = Recommender.build_tiny(Catalog(items), device="cpu")
     peft_model = get_peft_model(rec.model, LoraConfig(r=4, target_modules=["q", "v"], init_lora_weights=False))
@@ -61,7 +61,7 @@ def metric(port: int, name: str) -> float:
 
 
 def recommendations(settings: Settings) -> list[Recommendation]:
-    from streamrec.broker import read_topic
+    from streamrec.kafka.broker import read_topic
 
     return [
         Recommendation.model_validate_json(r.value) for r in read_topic(settings.kafka, settings.topics.recommendations)
@@ -144,7 +144,7 @@ def test_promote_and_rollback_announce_on_the_adapters_topic(make_settings: Any,
     import subprocess
     import sys
 
-    from streamrec.broker import create_topics, read_topic
+    from streamrec.kafka.broker import create_topics, read_topic
     from streamrec.registry import AdapterRegistry
     from streamrec.settings import registry_root, to_env
 

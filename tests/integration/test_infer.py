@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from streamtest import caught_up, send_raw, start_worker
 
-from streamrec.broker import create_topics, free_port, read_topic
 from streamrec.events import CatalogItem, DeadLetter, Recommendation
-from streamrec.runner import stop_process
+from streamrec.kafka.broker import create_topics, free_port, read_topic
+from streamrec.lab.runner import stop_process
 from streamrec.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]

@@ -19,9 +19,9 @@ import pytest
 from kafka import TopicPartition
 from streamtest import Ends, send_raw, start_worker
 
-from streamrec.broker import create_topics, producer, read_topic
 from streamrec.events import DeadLetter
-from streamrec.runner import committed_offsets, stop_process, wait_caught_up
+from streamrec.kafka.broker import create_topics, producer, read_topic
+from streamrec.lab.runner import committed_offsets, stop_process, wait_caught_up
 from streamrec.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

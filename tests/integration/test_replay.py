@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from streamrec import replay
 from streamrec.catalog import Catalog
 from streamrec.datasets import Dataset, LogEvent
-from streamrec.simulate import SimConfig, generate_events, make_catalog
+from streamrec.lab import replay
+from streamrec.lab.simulate import SimConfig, generate_events, make_catalog
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
 

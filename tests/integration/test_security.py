@@ -36,8 +36,8 @@ from conftest import _docker_answers
 from streamtest import send_raw, start_worker
 from testcontainers.kafka import KafkaContainer
 
-from streamrec.broker import EmbeddedBroker, ListenerTLS, create_topics, free_port, producer, read_topic
-from streamrec.runner import stop_process, wait_caught_up
+from streamrec.kafka.broker import EmbeddedBroker, ListenerTLS, create_topics, free_port, producer, read_topic
+from streamrec.lab.runner import stop_process, wait_caught_up
 from streamrec.settings import KafkaSettings, Settings, TopicSettings, client_config
 
 pytestmark = [pytest.mark.kafka]

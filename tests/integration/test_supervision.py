@@ -15,8 +15,8 @@ import pytest
 from kafka import TopicPartition
 
 from agents.supervision import EXIT_FAILURE
-from streamrec.broker import create_topics, producer
-from streamrec.runner import committed_offsets
+from streamrec.kafka.broker import create_topics, producer
+from streamrec.lab.runner import committed_offsets
 from streamrec.settings import to_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -23,13 +23,13 @@ from test_adapters import metric, recommendations
 from test_infer import as_raw, wait_for_final
 from walks import CATALOG_ITEMS, ITEMS, walk
 
-from streamrec.broker import create_topics, free_port, read_topic
 from streamrec.events import DeadLetter
 from streamrec.feedback_store import ExampleStore
 from streamrec.generation import tiny_dir
+from streamrec.kafka.broker import create_topics, free_port, read_topic
+from streamrec.lab.runner import stop_process, wait_caught_up
 from streamrec.online import Cursor
 from streamrec.registry import AdapterRegistry
-from streamrec.runner import stop_process, wait_caught_up
 from streamrec.settings import Settings, registry_root
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]

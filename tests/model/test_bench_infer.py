@@ -11,7 +11,7 @@ import pytest
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 pytest.importorskip("torch")
-from streamrec.bench.infer import run  # noqa: E402
+from streamrec.lab.bench.infer import run  # noqa: E402
 
 
 @pytest.mark.parametrize("flan", [False, True], ids=["tiny", "tiny+flan-shape"])

@@ -10,16 +10,16 @@ from pathlib import Path
 import pytest
 from walks import CATALOG_ITEMS, ITEMS
 
-from streamrec.baselines import Blend, ItemKNN, Markov
 from streamrec.catalog import Catalog
 from streamrec.datasets import Dataset, LogEvent
 from streamrec.instructions import HistoryItem
-from streamrec.prequential import plan
+from streamrec.lab.prequential import plan
+from streamrec.model.blend import Blend, ItemKNN, Markov
 
 pytest.importorskip("torch")
 
-from streamrec.bench.levers import Stream, ranked, run
-from streamrec.model import Recommender
+from streamrec.lab.bench.levers import Stream, ranked, run
+from streamrec.model.recommender import Recommender
 
 CATALOG = Catalog(CATALOG_ITEMS)
 

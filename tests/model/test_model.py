@@ -16,7 +16,7 @@ from streamrec.instructions import HistoryItem, RecRequest
 pytestmark = pytest.mark.model
 
 torch = pytest.importorskip("torch")
-from streamrec.model import Recommender, TinyConfig  # noqa: E402
+from streamrec.model.recommender import Recommender, TinyConfig  # noqa: E402
 
 TINY = TinyConfig(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2, text_vocab=300)
 GENRES = ["Drama", "Comedy", "Action", "Horror"]
@@ -184,7 +184,7 @@ def test_no_catalog_is_an_error() -> None:
 
 
 def test_a_saved_blend_is_served_and_keeps_every_constraint(tiny: Path, tmp_path: Path) -> None:
-    from streamrec.baselines import Blend, ItemKNN, Markov
+    from streamrec.model.blend import Blend, ItemKNN, Markov
 
     train = {f"u{n}": [HistoryItem(f"i{(n + t) % 40}") for t in range(6)] for n in range(40)}
     ids = _catalog().ids

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from walks import CATALOG_ITEMS, ITEMS, walk
 
-from streamrec.baselines import Blend, ItemKNN, Markov
 from streamrec.catalog import Catalog
 from streamrec.feedback import FeedbackExample, Mark, fresh_by_arrival, split_fresh_replay, user_sequences
 from streamrec.instructions import HistoryItem
+from streamrec.model.blend import Blend, ItemKNN, Markov
 from streamrec.registry import BLEND, AdapterRegistry, sha256_file
 from streamrec.settings import Settings, registry_root
 
@@ -137,7 +137,7 @@ def test_increments_on_the_pattern_are_promoted_and_the_next_one_continues_the_f
 
 def served_model(base: Path, registry: AdapterRegistry, version: str) -> Any:
     """The base model with a registered adapter, loaded the way an inference worker loads it."""
-    from streamrec.model import Recommender
+    from streamrec.model.recommender import Recommender
 
     rec = Recommender.load(str(base), "cpu", catalog=CATALOG)
     manifest = registry.get(version)
@@ -251,7 +251,7 @@ def test_an_increment_chooses_the_blend_weights_again_on_fresh_examples_its_stat
     # model before the increment (the base: a fresh LoRA changes nothing until trained).
     from streamrec.generation import load_recommender
     from streamrec.instructions import RecRequest, excluded
-    from streamrec.offline import blend_weights
+    from streamrec.model.blend import blend_weights
 
     split = split_fresh_replay(backwards, None, 0.5, 0, holdout=40)
     tune = split.train[-60:]

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from streamrec.baselines import all_baselines
 from streamrec.catalog import Catalog
-from streamrec.datasets import LogEvent
-from streamrec.evaluation import Split, leave_one_out, rank_metrics
+from streamrec.datasets import LogEvent, Split, leave_one_out
 from streamrec.events import CatalogItem
+from streamrec.lab.baselines import all_baselines
+from streamrec.ranking import rank_metrics
 from streamrec.settings import TrainSettings
 
 pytestmark = pytest.mark.model
 pytest.importorskip("torch")
 
-from streamrec.offline import requests_for  # noqa: E402
-from streamrec.training import train  # noqa: E402
+from streamrec.lab.offline import requests_for  # noqa: E402
+from streamrec.model.training import train  # noqa: E402
 
 PHASES = ["dawn", "noon", "dusk", "night", "frost", "bloom"]
 SMALL = TrainSettings(
@@ -103,7 +103,7 @@ def _cycle_log(users: int, items: int, length: int, seed: int = 0) -> tuple[Cata
 
 
 def test_default_scheme_learns_next_item_and_lora_increment_reloads(tmp_path: Path) -> None:
-    from streamrec.model import Recommender
+    from streamrec.model.recommender import Recommender
 
     catalog, events = _cycle_log(users=120, items=40, length=8)
     split = leave_one_out(events)
