@@ -1,6 +1,6 @@
 """Feedback: the pure rules that join recommendations with the events that follow them into training
-examples, and the bounded buffer those examples live in. No Kafka, no disk, no torch: the feedback
-agent calls these and stores the values they return."""
+examples, and how the stored examples are split for an online increment. No Kafka, no disk, no
+torch: the feedback agent calls these and stores the values they return."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from streamrec.events import Event, Recommendation
 from streamrec.history import UserState, apply_event
 from streamrec.instructions import HistoryItem
 
 DEFAULT_KEEP = 5  # recommendations remembered per user
-DEFAULT_CAPACITY = 50_000  # examples in the buffer
 
 
 class FeedbackExample(BaseModel):
@@ -174,53 +173,20 @@ def user_sequences(examples: Iterable[FeedbackExample]) -> dict[str, list[Histor
     return sequences
 
 
-class FeedbackBuffer(BaseModel):
-    """The newest `capacity` examples by event time (oldest first, ties by event_id), without
-    duplicates: an example whose event_id is already held is dropped, so replaying events after a
-    restart does not count them twice. `append` costs O(capacity): append in batches."""
-
-    model_config = ConfigDict(frozen=True)
-
-    capacity: int = Field(default=DEFAULT_CAPACITY, ge=1)
-    examples: tuple[FeedbackExample, ...] = ()
-
-    def append(self, new: Iterable[FeedbackExample]) -> FeedbackBuffer:
-        seen = {e.event_id for e in self.examples}
-        added: list[FeedbackExample] = []
-        for e in new:
-            if e.event_id not in seen:
-                seen.add(e.event_id)
-                added.append(e)
-        if not added:
-            return self
-        merged = sorted((*self.examples, *added), key=example_order)
-        return FeedbackBuffer(capacity=self.capacity, examples=tuple(merged[-self.capacity :]))
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> FeedbackBuffer:
-        return cls.model_validate_json(raw)
-
-
 class TrainSplit(NamedTuple):
     train: list[FeedbackExample]
     holdout: list[FeedbackExample]
 
 
 def split_fresh_replay(
-    buffer: FeedbackBuffer | Sequence[FeedbackExample],
+    examples: Sequence[FeedbackExample],
     fresh: Callable[[FeedbackExample], bool] | None,
     replay_share: float,
     rng: random.Random | int,
     *,
     holdout: int,
 ) -> TrainSplit:
-    """Split for one online increment. `buffer` is in ARRIVAL order (the order the examples were
+    """Split for one online increment. `examples` are in ARRIVAL order (the order the examples were
     stored, which is event-time order only when nothing came late).
 
     holdout: the `holdout` most recent arrivals, kept for the gate and never trained on; they come
@@ -233,7 +199,7 @@ def split_fresh_replay(
         raise ValueError("replay_share must be in [0, 1)")
     if holdout < 0:
         raise ValueError("holdout must not be negative")
-    examples = list(buffer.examples if isinstance(buffer, FeedbackBuffer) else buffer)
+    examples = list(examples)
     rng = rng if isinstance(rng, random.Random) else random.Random(rng)
     cut = len(examples) - min(holdout, len(examples))
     rest, held = examples[:cut], examples[cut:]

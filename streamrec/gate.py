@@ -84,7 +84,7 @@ def decide(
 def holdout_metrics(
     ranked: Mapping[str, Sequence[str]], holdout: Sequence[FeedbackExample], n_items: int
 ) -> dict[str, float]:
-    """HR/NDCG@5/10, MRR and coverage of one model on the held-out examples. `ranked` maps each
+    """HR/NDCG@5/10, MRR@10 and coverage of one model on the held-out examples. `ranked` maps each
     example's event_id to the model's list for that example's history; the target is the item the
     user chose next. Score the candidate and the adapter in service on the same `holdout`."""
     return rank_metrics(ranked, {e.event_id: e.target for e in holdout}, n_items)

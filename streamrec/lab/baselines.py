@@ -4,7 +4,7 @@ first-order Markov (last item -> next item), from the model wing."""
 
 from __future__ import annotations
 
-from streamrec.model.blend import Baseline, FloatArray, ItemKNN, Markov
+from streamrec.model.blend import Baseline, FloatArray
 
 
 class Popularity(Baseline):
@@ -12,7 +12,3 @@ class Popularity(Baseline):
 
     def _scores(self, history: list[int]) -> FloatArray:
         return self._pop_norm().copy()
-
-
-def all_baselines() -> list[Baseline]:
-    return [Popularity(), ItemKNN(), Markov()]

@@ -1,6 +1,6 @@
 """One offline evaluation run: baselines and the model on the same leave-one-out split, the served
-blend's weights fitted on validation, and the comparison chart. The shell around the pure
-evaluation module; `streamrec eval` calls it."""
+blend's weights fitted on validation, and the comparison chart. The shell around the pure split
+(streamrec.datasets) and metrics (streamrec.ranking); `streamrec eval` calls it."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def compare(
 
 
 def plot(report: dict[str, Any], path: str | Path) -> Path:
-    """A grouped bar chart of HR@10, NDCG@10 and MRR per model."""
+    """A grouped bar chart of HR@5/10, NDCG@5/10 and MRR@10 (labelled MRR, as in the report) per model."""
     import matplotlib
 
     matplotlib.use("Agg")

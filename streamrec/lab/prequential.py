@@ -4,12 +4,12 @@ replay itself (broker, workers, pacing) lives in replay.py."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from streamrec.datasets import LogEvent
+from streamrec.ranking import hit_and_ndcg
 
 PROTOCOL = (
     "prequential: the log in time order; the first part bootstraps the model, the rest is replayed as "
@@ -72,13 +72,6 @@ class Outcome:
     target: str
     recommended: tuple[str, ...] | None
     adapter: str | None = None
-
-
-def hit_and_ndcg(recommended: Sequence[str], target: str, k: int = K) -> tuple[float, float]:
-    top = list(recommended[:k])
-    if target not in top:
-        return 0.0, 0.0
-    return 1.0, 1.0 / math.log2(top.index(target) + 2)
 
 
 def summarize(outcomes: Sequence[Outcome], k: int = K) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from streamrec.datasets import LogEvent, leave_one_out, sequences
-from streamrec.ranking import rank_metrics
+from streamrec.ranking import hit_and_ndcg, rank_metrics
 
 
 def test_split_holds_out_the_last_two_items_in_time_order() -> None:
@@ -52,3 +52,20 @@ def test_metrics_by_hand() -> None:
 def test_a_user_without_a_list_is_a_miss() -> None:
     m = rank_metrics({}, {"u": "a"}, n_items=5)
     assert m["HR@10"] == 0.0 and m["coverage@10"] == 0.0
+
+
+def test_mrr_is_over_the_top_k_list() -> None:
+    # MRR@10 (reported as "MRR"): a target ranked 12th in a longer list counts as a miss.
+    ranked = {"u1": [f"z{i}" for i in range(11)] + ["t1"], "u2": ["t2"]}
+    m = rank_metrics(ranked, {"u1": "t1", "u2": "t2"}, n_items=20)
+    assert m["MRR"] == pytest.approx(1 / 2)
+    assert rank_metrics(ranked, {"u1": "t1"}, n_items=20, cutoffs=(5, 12))["MRR"] == pytest.approx(1 / 12)
+
+
+def test_the_replay_scores_a_list_as_the_offline_evaluation_does() -> None:
+    ranked = {"u1": ["a", "b", "c"], "u2": ["x", "y"], "u3": [f"z{i}" for i in range(9)] + ["t"]}
+    targets = {"u1": "c", "u2": "q", "u3": "t"}
+    m = rank_metrics(ranked, targets, n_items=20)
+    per_list = [hit_and_ndcg(ranked[u], targets[u]) for u in targets]
+    assert m["HR@10"] == pytest.approx(sum(h for h, _ in per_list) / 3)
+    assert m["NDCG@10"] == pytest.approx(sum(g for _, g in per_list) / 3)

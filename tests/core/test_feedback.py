@@ -1,4 +1,4 @@
-"""Feedback joins and the bounded example buffer, without Kafka or disk."""
+"""Feedback joins and the split for an increment, without Kafka or disk."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from streamrec.events import Event, ModelVersion, Recommendation, RecommendedItem
 from streamrec.feedback import (
-    FeedbackBuffer,
     FeedbackExample,
     Mark,
     PendingRecs,
@@ -172,8 +171,6 @@ def test_round_trips() -> None:
     ex = one(pending, ev("e1", 5, "a"))
     back = FeedbackExample.from_bytes(ex.to_bytes())
     assert back == ex and isinstance(back.history[0], HistoryItem)
-    buf = FeedbackBuffer(capacity=3).append([ex])
-    assert FeedbackBuffer.from_bytes(buf.to_bytes()) == buf
 
 
 def test_taken_must_be_recommended() -> None:
@@ -195,31 +192,15 @@ def test_negative_horizon_is_refused() -> None:
         PendingRecs().on_event(ev("e1", 0, "a"), HIST, -1)
 
 
-# ---- the buffer -----------------------------------------------------------------------------
-
-
-def test_buffer_keeps_newest_by_event_time_without_duplicates() -> None:
-    buf = FeedbackBuffer(capacity=5)
-    rng = random.Random(3)
-    order = list(range(20))
-    rng.shuffle(order)
-    for start in range(0, 20, 4):
-        batch = [example(f"e{n:02d}", n) for n in order[start : start + 4]]
-        buf = buf.append(batch + batch[:1])  # a redelivered example in the same batch
-        buf = buf.append(batch[:2])  # and in a later one
-    assert [e.event_id for e in buf.examples] == ["e15", "e16", "e17", "e18", "e19"]
-    assert len(buf) == 5
-    assert buf.append([example("e19", 19)]) is buf
-    # Older than everything held: it does not displace newer examples.
-    assert buf.append([example("old", -5)]).examples == buf.examples
+# ---- the split ------------------------------------------------------------------------------
 
 
 def newer_than(seconds: float) -> Callable[[FeedbackExample], bool]:
     return lambda e: e.ts > at(seconds)
 
 
-def fresh_buffer() -> FeedbackBuffer:
-    return FeedbackBuffer(capacity=100).append(example(f"e{n:02d}", n) for n in range(40))
+def fresh_buffer() -> list[FeedbackExample]:
+    return [example(f"e{n:02d}", n) for n in range(40)]
 
 
 def test_split_holds_out_the_newest_and_trains_on_fresh_plus_replay() -> None:

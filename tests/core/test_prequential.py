@@ -7,7 +7,8 @@ import math
 import pytest
 
 from streamrec.datasets import LogEvent
-from streamrec.lab.prequential import Outcome, hit_and_ndcg, plan, report, summarize, user_steps
+from streamrec.lab.prequential import Outcome, plan, report, summarize, user_steps
+from streamrec.ranking import hit_and_ndcg
 
 
 def ev(user: str, item: str, ts: float, order: int, kind: str = "click") -> LogEvent:
