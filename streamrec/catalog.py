@@ -56,11 +56,6 @@ class Catalog:
         """A new catalog with these records added or replaced (the old one is left untouched)."""
         return Catalog([*self._items.values(), *items])
 
-    @classmethod
-    def placeholder(cls, item_ids: Iterable[str]) -> Catalog:
-        """A catalog for a log without item text: every item is titled by its id."""
-        return cls(CatalogItem(item_id=i, title=f"item {i}") for i in item_ids)
-
 
 def item_token(item_id: str) -> str:
     """The dedicated vocabulary token of an item under the `item_token` scheme."""
@@ -131,11 +126,6 @@ class ItemTrie:
 
     def path(self, item_id: str) -> tuple[int, ...]:
         return self._paths[item_id]
-
-    @property
-    def first_tokens(self) -> dict[int, str | None]:
-        """First token -> the item it names when that token alone is the whole sequence."""
-        return {tok: node.item_id for tok, node in self._root.children.items()}
 
     def _node(self, prefix: Sequence[int]) -> _Node | None:
         node: _Node | None = self._root
