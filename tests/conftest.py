@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from streamrec.kafka.broker import EmbeddedBroker, free_port
+from streamrec.kafka.topics import tagged_topics
 from streamrec.settings import KafkaSettings, Settings, TopicSettings
 
 MakeSettings = Callable[..., Settings]
@@ -49,26 +50,13 @@ def make_settings(kafka_settings: KafkaSettings, tmp_path: Path) -> MakeSettings
 
     def make(**overrides: Any) -> Settings:
         tag = uuid.uuid4().hex[:8]
-        defaults = TopicSettings()
-        names = {
-            field: f"{getattr(defaults, field)}.{tag}"
-            for field in (
-                "clicks",
-                "purchases",
-                "catalog",
-                "dlq",
-                "history_updates",
-                "recommendations",
-                "adapters",
-            )
-        }
         base: dict[str, Any] = {
             "app_id": f"streamrec-test-{tag}",
             "data_dir": tmp_path / tag,
             "web_port": free_port(),
             "web_host": "127.0.0.1",
             "kafka": kafka_settings,
-            "topics": TopicSettings(**names, partitions=4),
+            "topics": tagged_topics(TopicSettings(partitions=4), tag),
             # The embedded broker holds a group join for the whole rebalance timeout.
             "rebalance_timeout_s": 3.0,
         }

@@ -20,7 +20,7 @@ console = Console()
 
 def _announce(settings: Settings, manifest: object) -> None:
     from streamrec.events import ADAPTER_KEY
-    from streamrec.kafka.broker import producer
+    from streamrec.kafka.clients import producer
     from streamrec.registry import AdapterRegistry, Manifest
 
     assert isinstance(manifest, Manifest)

@@ -23,7 +23,7 @@ def topics_create(
     timeout: float = typer.Option(60.0, min=1, help="Seconds to keep trying to reach the brokers."),
 ) -> None:
     """Create the topics that do not exist yet; existing ones are kept unchanged."""
-    from streamrec.kafka.broker import create_topics, topic_specs
+    from streamrec.kafka.topics import create_topics, topic_specs
     from streamrec.settings import load_settings
 
     settings = load_settings()

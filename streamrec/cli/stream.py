@@ -26,7 +26,8 @@ def broker(
     create: bool = typer.Option(True, help="Create streamrec's topics once the broker is up."),
 ) -> None:
     """Run the embedded Kafka-compatible broker (Tansu, in memory) in the foreground."""
-    from streamrec.kafka.broker import EmbeddedBroker, create_topics
+    from streamrec.kafka.broker import EmbeddedBroker
+    from streamrec.kafka.topics import create_topics
 
     settings = _settings()
     with EmbeddedBroker(port=port) as embedded:
@@ -75,8 +76,8 @@ def worker_train(
 def run_worker(role: str, loglevel: str, create: bool) -> None:
     import faust
 
-    from agents.app import create_app
-    from streamrec.kafka.broker import create_topics, seal_partitions
+    from agents.worker import create_app
+    from streamrec.kafka.topics import create_topics, seal_partitions
 
     settings = _settings()
     if create:
@@ -246,11 +247,9 @@ def tail(
     """Print recommendations as they arrive: user, items with titles, and how old the trigger was."""
     from datetime import UTC, datetime
 
-    from kafka import KafkaConsumer
-
     from streamrec.events import CatalogItem, Recommendation
-    from streamrec.kafka.broker import read_topic
-    from streamrec.settings import client_config
+    from streamrec.kafka.clients import consumer
+    from streamrec.kafka.topics import read_topic
 
     settings = _settings()
     titles: dict[str, str] = {}
@@ -260,15 +259,13 @@ def tail(
             titles[item.item_id] = item.title
         except ValueError:
             continue
-    consumer = KafkaConsumer(
-        **client_config(settings.kafka),
-        auto_offset_reset="earliest" if from_beginning else "latest",
-        enable_auto_commit=False,
+    reader = consumer(
+        settings.kafka, auto_offset_reset="earliest" if from_beginning else "latest", enable_auto_commit=False
     )
-    consumer.subscribe([settings.topics.recommendations])
+    reader.subscribe([settings.topics.recommendations])
     seen = 0
     try:
-        for record in consumer:
+        for record in reader:
             rec = Recommendation.model_validate_json(record.value)
             published = datetime.fromtimestamp(record.timestamp / 1000, UTC)
             lag = (published - rec.event_ts).total_seconds() if rec.event_ts else None
@@ -282,4 +279,4 @@ def tail(
     except KeyboardInterrupt:
         pass
     finally:
-        consumer.close()
+        reader.close()

@@ -27,11 +27,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from streamrec.events import Event, Recommendation
+from streamrec.kafka.clients import consumer
 from streamrec.lab.runner import local_stack, running_workers
 from streamrec.lab.simulate import SimConfig, generate_events, make_catalog
 from streamrec.lab.traffic import SendStats, send_catalog, send_events
 from streamrec.online import increments_path
-from streamrec.settings import Settings, client_config
+from streamrec.settings import Settings
 
 TRAIN_EVENTS = 15_000  # simulated history the tiny model learns from before the live stream
 # The train worker, scaled to a demo: look every 15 s, train on the newest 1,000 examples (a few
@@ -74,15 +75,11 @@ class Watch:
 
 
 def _watch(settings: Settings, watch: Watch, sent: SendStats, stop: threading.Event) -> None:
-    from kafka import KafkaConsumer
-
-    consumer: Any = KafkaConsumer(
-        **client_config(settings.kafka), auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    consumer.subscribe([settings.topics.recommendations, settings.topics.dlq])
+    reader = consumer(settings.kafka, auto_offset_reset="earliest", enable_auto_commit=False)
+    reader.subscribe([settings.topics.recommendations, settings.topics.dlq])
     try:
         while not stop.is_set():
-            for tp, records in consumer.poll(timeout_ms=300).items():
+            for tp, records in reader.poll(timeout_ms=300).items():
                 for record in records:
                     if tp.topic == settings.topics.dlq:
                         watch.dead_letters += 1
@@ -98,7 +95,7 @@ def _watch(settings: Settings, watch: Watch, sent: SendStats, stop: threading.Ev
                     if appended is not None:
                         watch.freshness.append(record.timestamp / 1000 - appended)
     finally:
-        consumer.close()
+        reader.close()
 
 
 @dataclass

@@ -22,7 +22,7 @@ from streamrec.datasets import Dataset, LogEvent
 from streamrec.events import Event, EventType, Recommendation
 from streamrec.lab.prequential import PROTOCOL, Outcome, Plan, plan, report, user_steps
 from streamrec.online import Cursor, increments_path, read_increments
-from streamrec.settings import Settings, TopicSettings, client_config
+from streamrec.settings import Settings
 
 Log = Callable[[str], None]
 MODES = ("frozen", "online")
@@ -74,11 +74,11 @@ class RecWatcher:
     and the set of triggers answered."""
 
     def __init__(self, settings: Settings) -> None:
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
 
-        self.consumer: Any = KafkaConsumer(
-            **client_config(settings.kafka), enable_auto_commit=False, fetch_max_wait_ms=20
-        )
+        from streamrec.kafka.clients import consumer
+
+        self.consumer: Any = consumer(settings.kafka, enable_auto_commit=False, fetch_max_wait_ms=20)
         topic = settings.topics.recommendations
         parts = None
         deadline = time.monotonic() + 30
@@ -154,17 +154,14 @@ class Pace:
 
 
 def mode_settings(base: Settings, mode: str, model_dir: Path, since: datetime, online: dict[str, Any]) -> Settings:
+    from streamrec.kafka.topics import tagged_topics
+
     tag = f"{mode}-{uuid.uuid4().hex[:6]}"
-    names = {
-        name: f"replay-{tag}.{name.replace('_', '-')}"
-        for name, field in TopicSettings.model_fields.items()
-        if field.annotation is str
-    }
     return base.model_copy(
         update={
             "app_id": f"streamrec-replay-{tag}",
             "data_dir": base.data_dir / f"replay-{tag}",
-            "topics": base.topics.model_copy(update=names),
+            "topics": tagged_topics(base.topics, f"replay-{tag}"),
             # Three workers and the replay share the cores: one torch thread each, or they thrash.
             "model": base.model.model_copy(update={"base": str(model_dir.resolve()), "top_k": 10, "threads": 1}),
             "serve": base.serve.model_copy(update={"exclude_seen": True, "batch_within_s": 0.02}),
@@ -187,8 +184,10 @@ def run_mode(
     """Replay the whole log through a fresh stack; the online mode adds the train worker."""
     from tqdm.auto import tqdm
 
-    from streamrec.kafka.broker import create_topics, producer
-    from streamrec.lab.runner import committed_offsets, local_stack, running_workers, wait_caught_up
+    from streamrec.kafka.clients import producer
+    from streamrec.kafka.offsets import committed_offsets, wait_caught_up
+    from streamrec.kafka.topics import create_topics
+    from streamrec.lab.runner import local_stack, running_workers
     from streamrec.lab.traffic import event_topic, send_catalog, send_events
 
     since = datetime.fromtimestamp(the_plan.bootstrap[-1].ts, UTC)

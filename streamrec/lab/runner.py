@@ -11,13 +11,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from streamrec.errors import StreamrecError
 from streamrec.kafka.broker import die_with_parent
-from streamrec.settings import KafkaSettings, Settings, client_config, to_env
+from streamrec.settings import KafkaSettings, Settings, to_env
 
 
 def spawn_worker(role: str, settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
@@ -67,51 +67,13 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | N
     raise StreamrecError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def committed_offsets(kafka: KafkaSettings, group: str, topics: Iterable[str]) -> dict[Any, int]:
-    """The offsets consumer group `group` has committed, per partition of `topics` (0 if none)."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    # committed() asks the group coordinator without joining the group, so it disturbs nobody.
-    consumer: Any = KafkaConsumer(**client_config(kafka), group_id=group, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
-        return {tp: consumer.committed(tp) or 0 for tp in tps}
-    finally:
-        consumer.close()
-
-
-def wait_caught_up(
-    kafka: KafkaSettings,
-    group: str,
-    ends: Mapping[Any, int],
-    timeout: float = 120.0,
-    proc: subprocess.Popen[bytes] | None = None,
-) -> float:
-    """Block until `group` has committed up to `ends` (TopicPartition -> next offset, e.g. from the
-    producer's acknowledgements); returns the seconds waited.
-
-    Take `ends` from what was produced rather than from the broker: the embedded broker reports a
-    high watermark that can trail the real end of a partition (see KafkaSettings)."""
-    topics = {tp.topic for tp in ends}
-    start = time.monotonic()
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise StreamrecError(f"worker exited with code {proc.returncode} while catching up")
-        committed = committed_offsets(kafka, group, topics)
-        lag = sum(max(0, end - committed.get(tp, 0)) for tp, end in ends.items())
-        if lag == 0:
-            return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise StreamrecError(f"group {group} still {lag} messages behind after {timeout:.0f}s")
-        time.sleep(0.25)
-
-
 @contextlib.contextmanager
 def local_stack(base: Settings, say: Callable[[str], None] = print) -> Iterator[Settings]:
     """Settings for a pipeline on this machine: the configured broker when
     STREAMREC_KAFKA__BOOTSTRAP_SERVERS is set, else an embedded one (and a fresh temporary data
     directory, since local state from an earlier broker would not match a new one)."""
-    from streamrec.kafka.broker import EmbeddedBroker, create_topics
+    from streamrec.kafka.broker import EmbeddedBroker
+    from streamrec.kafka.topics import create_topics
 
     with contextlib.ExitStack() as stack:
         if "STREAMREC_KAFKA__BOOTSTRAP_SERVERS" in os.environ:

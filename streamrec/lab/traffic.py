@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamrec.events import CatalogItem, Event, EventType
-from streamrec.kafka.broker import producer
+from streamrec.kafka.clients import producer
 from streamrec.settings import Settings
 
 

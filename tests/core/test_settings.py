@@ -7,7 +7,8 @@ import ssl
 import pytest
 
 from streamrec.errors import ConfigError
-from streamrec.settings import client_config, faust_credentials, load_settings, to_env
+from streamrec.kafka.config import client_config, faust_credentials
+from streamrec.settings import load_settings, to_env
 
 SASL = {
     "STREAMREC_KAFKA__BOOTSTRAP_SERVERS": "k1:9093,k2:9093",

@@ -9,8 +9,9 @@ from typing import Any
 
 from kafka import TopicPartition
 
-from streamrec.kafka.broker import producer
-from streamrec.lab.runner import spawn_worker, wait_caught_up, wait_http
+from streamrec.kafka.clients import producer
+from streamrec.kafka.offsets import wait_caught_up
+from streamrec.lab.runner import spawn_worker, wait_http
 from streamrec.settings import Settings
 
 Ends = dict[Any, int]

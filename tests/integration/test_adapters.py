@@ -61,7 +61,7 @@ def metric(port: int, name: str) -> float:
 
 
 def recommendations(settings: Settings) -> list[Recommendation]:
-    from streamrec.kafka.broker import read_topic
+    from streamrec.kafka.topics import read_topic
 
     return [
         Recommendation.model_validate_json(r.value) for r in read_topic(settings.kafka, settings.topics.recommendations)
@@ -144,7 +144,7 @@ def test_promote_and_rollback_announce_on_the_adapters_topic(make_settings: Any,
     import subprocess
     import sys
 
-    from streamrec.kafka.broker import create_topics, read_topic
+    from streamrec.kafka.topics import create_topics, read_topic
     from streamrec.registry import AdapterRegistry
     from streamrec.settings import registry_root, to_env
 

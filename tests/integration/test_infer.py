@@ -16,7 +16,8 @@ import pytest
 from streamtest import caught_up, send_raw, start_worker
 
 from streamrec.events import CatalogItem, DeadLetter, Recommendation
-from streamrec.kafka.broker import create_topics, free_port, read_topic
+from streamrec.kafka.broker import free_port
+from streamrec.kafka.topics import create_topics, read_topic
 from streamrec.lab.runner import stop_process
 from streamrec.settings import Settings
 

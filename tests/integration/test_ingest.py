@@ -20,8 +20,10 @@ from kafka import TopicPartition
 from streamtest import Ends, send_raw, start_worker
 
 from streamrec.events import DeadLetter
-from streamrec.kafka.broker import create_topics, producer, read_topic
-from streamrec.lab.runner import committed_offsets, stop_process, wait_caught_up
+from streamrec.kafka.clients import producer
+from streamrec.kafka.offsets import committed_offsets, wait_caught_up
+from streamrec.kafka.topics import create_topics, read_topic
+from streamrec.lab.runner import stop_process
 from streamrec.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

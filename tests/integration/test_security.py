@@ -36,9 +36,13 @@ from conftest import _docker_answers
 from streamtest import send_raw, start_worker
 from testcontainers.kafka import KafkaContainer
 
-from streamrec.kafka.broker import EmbeddedBroker, ListenerTLS, create_topics, free_port, producer, read_topic
-from streamrec.lab.runner import stop_process, wait_caught_up
-from streamrec.settings import KafkaSettings, Settings, TopicSettings, client_config
+from streamrec.kafka.broker import EmbeddedBroker, ListenerTLS, free_port
+from streamrec.kafka.clients import producer
+from streamrec.kafka.config import client_config
+from streamrec.kafka.offsets import wait_caught_up
+from streamrec.kafka.topics import create_topics, read_topic
+from streamrec.lab.runner import stop_process
+from streamrec.settings import KafkaSettings, Settings, TopicSettings
 
 pytestmark = [pytest.mark.kafka]
 

@@ -15,8 +15,9 @@ import pytest
 from kafka import TopicPartition
 
 from agents.supervision import EXIT_FAILURE
-from streamrec.kafka.broker import create_topics, producer
-from streamrec.lab.runner import committed_offsets
+from streamrec.kafka.clients import producer
+from streamrec.kafka.offsets import committed_offsets
+from streamrec.kafka.topics import create_topics
 from streamrec.settings import to_env
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

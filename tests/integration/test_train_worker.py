@@ -26,8 +26,10 @@ from walks import CATALOG_ITEMS, ITEMS, walk
 from streamrec.events import DeadLetter
 from streamrec.feedback_store import ExampleStore
 from streamrec.generation import tiny_dir
-from streamrec.kafka.broker import create_topics, free_port, read_topic
-from streamrec.lab.runner import stop_process, wait_caught_up
+from streamrec.kafka.broker import free_port
+from streamrec.kafka.offsets import wait_caught_up
+from streamrec.kafka.topics import create_topics, read_topic
+from streamrec.lab.runner import stop_process
 from streamrec.online import Cursor
 from streamrec.registry import AdapterRegistry
 from streamrec.settings import Settings, registry_root

@@ -24,9 +24,11 @@ from pydantic import SecretStr
 from streamtest import send_raw, start_worker
 
 from agents.app import faust_app
-from agents.web import authorized
-from streamrec.kafka.broker import create_topics, die_with_parent, free_port
-from streamrec.lab.runner import stop_process, wait_caught_up, wait_http
+from streamrec.access import authorized
+from streamrec.kafka.broker import die_with_parent, free_port
+from streamrec.kafka.offsets import wait_caught_up
+from streamrec.kafka.topics import create_topics
+from streamrec.lab.runner import stop_process, wait_http
 from streamrec.settings import Settings, to_env
 
 TOKEN = SecretStr(f"web-{uuid.uuid4().hex}")

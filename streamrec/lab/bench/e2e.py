@@ -12,29 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from streamrec.events import Recommendation
+from streamrec.kafka.clients import consumer
 from streamrec.lab.bench import machine, write_report
 from streamrec.lab.runner import local_stack, running_workers
 from streamrec.lab.simulate import SimConfig, generate_events, make_catalog
 from streamrec.lab.traffic import SendStats, send_catalog, send_events
-from streamrec.settings import Settings, client_config
+from streamrec.settings import Settings
 
 
 def _collect(settings: Settings, out: list[tuple[float, str, int]], stop: threading.Event) -> None:
     """(publish time, trigger event id, items) of every recommendation, as it arrives."""
-    from kafka import KafkaConsumer
-
-    consumer: Any = KafkaConsumer(
-        **client_config(settings.kafka), auto_offset_reset="earliest", enable_auto_commit=False
-    )
-    consumer.subscribe([settings.topics.recommendations])
+    reader = consumer(settings.kafka, auto_offset_reset="earliest", enable_auto_commit=False)
+    reader.subscribe([settings.topics.recommendations])
     try:
         while not stop.is_set():
-            for records in consumer.poll(timeout_ms=200).values():
+            for records in reader.poll(timeout_ms=200).values():
                 for record in records:
                     rec = Recommendation.model_validate_json(record.value)
                     out.append((record.timestamp / 1000, rec.trigger_event_id or "", len(rec.items)))
     finally:
-        consumer.close()
+        reader.close()
 
 
 def percentile(values: list[float], q: float) -> float:

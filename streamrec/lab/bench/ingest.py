@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import tempfile
 import time
 import uuid
@@ -12,20 +13,23 @@ from pathlib import Path
 from typing import Any
 
 from streamrec.events import Event, parse
-from streamrec.kafka.broker import EmbeddedBroker, create_topics, free_port, read_topic
+from streamrec.kafka.broker import EmbeddedBroker, free_port
+from streamrec.kafka.clients import aio_consumer
+from streamrec.kafka.offsets import wait_caught_up
+from streamrec.kafka.topics import create_topics, read_topic, tagged_topics
 from streamrec.lab.bench import machine, write_report
-from streamrec.lab.runner import spawn_worker, stop_process, wait_caught_up, wait_http
+from streamrec.lab.runner import spawn_worker, stop_process, wait_http
 from streamrec.lab.simulate import SimConfig, generate_events
 from streamrec.lab.traffic import send_events
-from streamrec.settings import KafkaSettings, Settings, TopicSettings, client_config
+from streamrec.settings import KafkaSettings, Settings
 
 
 async def raw_consume(kafka: KafkaSettings, topics: list[str], count: int) -> tuple[int, float]:
     """Read `count` messages from the start of `topics` and validate each as an Event; returns
     (messages, seconds from the first message to the last one decoded)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(**client_config(kafka), enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = aio_consumer(kafka, enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
         tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t) or ())]
@@ -51,27 +55,12 @@ def run(events: int, out: Path, users: int = 2_000, items: int = 2_000) -> dict[
         settings = Settings()
         kafka = settings.kafka
         broker_name = kafka.bootstrap_servers
-        import os
-
         if "STREAMREC_KAFKA__BOOTSTRAP_SERVERS" not in os.environ:
             broker = stack.enter_context(EmbeddedBroker())
             kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
             broker_name = "embedded tansu (memory)"
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="streamrec-bench-")))
-        topics = TopicSettings(
-            **{
-                name: f"{getattr(settings.topics, name)}.bench-{tag}"
-                for name in (
-                    "clicks",
-                    "purchases",
-                    "catalog",
-                    "dlq",
-                    "history_updates",
-                    "recommendations",
-                    "adapters",
-                )
-            }
-        )
+        topics = tagged_topics(settings.topics, f"bench-{tag}")
         settings = settings.model_copy(
             update={
                 "kafka": kafka,
