@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from streamrec.cli import app
+from streamrec.cli.apps import app
 from streamrec.settings import Settings, load_settings, registry_root
 
 adapters_app = typer.Typer(

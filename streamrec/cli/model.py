@@ -12,7 +12,7 @@ from typing import Any
 
 import typer
 
-from streamrec.cli import app, bench_app
+from streamrec.cli.apps import app, bench_app
 
 FORMAT_HELP = "recbole (.inter, optional sibling .item), csv (user_id,item_id,timestamp[,type]; .jsonl too) or seq"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from streamrec.cli import app
+from streamrec.cli.apps import app
 
 topics_app = typer.Typer(help="Kafka topics streamrec uses.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")

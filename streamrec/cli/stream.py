@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from streamrec.cli import app, bench_app, schemas_app, worker_app
+from streamrec.cli.apps import app, bench_app, schemas_app, worker_app
 from streamrec.settings import Settings, load_settings
 
 console = Console()
@@ -76,7 +76,7 @@ def worker_train(
 def run_worker(role: str, loglevel: str, create: bool) -> None:
     import faust
 
-    from agents.worker import create_app
+    from agents import create_app
     from streamrec.kafka.topics import create_topics, seal_partitions
 
     settings = _settings()
