@@ -46,18 +46,36 @@ def tiny_dir(settings: Settings) -> Path:
 
 def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
     """The configured model over `catalog`: a hub id or directory, or `tiny` (the trained tiny
-    model under the data dir when there is one, else an untrained one built for this catalog)."""
-    from streamrec.model.recommender import Recommender
+    model under the data dir when there is one, else an untrained one built for this catalog, sized
+    by the training settings). The templates file, when set, replaces the model directory's copy;
+    beams and batch size become the model's defaults."""
+    from streamrec.instructions import Instructions
+    from streamrec.model.recommender import Recommender, TinyConfig
 
     cfg = settings.model
+    instructions = Instructions.load(cfg.templates) if cfg.templates is not None else None
+    base, scheme = cfg.base, cfg.scheme
     if cfg.base == TINY:
         trained = tiny_dir(settings)
-        if (trained / "config.json").is_file():
-            return Recommender.load(str(trained), cfg.device, catalog=catalog, task=cfg.task, use_blend=cfg.blend)
-        log.warning("no trained tiny model in %s: serving an untrained one (run `streamrec demo` or train)", trained)
-        return Recommender.build_tiny(catalog, device=cfg.device)
+        if not (trained / "config.json").is_file():
+            log.warning(
+                "no trained tiny model in %s: serving an untrained one (run `streamrec demo` or train)", trained
+            )
+            tiny = TinyConfig.from_settings(settings.train)
+            rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=cfg.device)
+            rec.task, rec.num_beams, rec.batch_size = cfg.task, cfg.num_beams, cfg.batch_size
+            return rec
+        base, scheme = str(trained), None  # the trained tiny model's own scheme
     return Recommender.load(
-        cfg.base, cfg.device, scheme=cfg.scheme, catalog=catalog, task=cfg.task, use_blend=cfg.blend
+        base,
+        cfg.device,
+        scheme=scheme,
+        instructions=instructions,
+        catalog=catalog,
+        task=cfg.task,
+        use_blend=cfg.blend,
+        num_beams=cfg.num_beams,
+        batch_size=cfg.batch_size,
     )
 
 

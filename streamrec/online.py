@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import tempfile
 import time
@@ -24,7 +23,7 @@ from streamrec.catalog import Catalog
 from streamrec.errors import ModelError
 from streamrec.feedback import FeedbackExample, Mark, example_order, split_fresh_replay, user_sequences
 from streamrec.gate import GateDecision, decide, holdout_metrics
-from streamrec.instructions import RecRequest, excluded, task_for
+from streamrec.instructions import RecRequest, TrainingPair, excluded, task_for
 from streamrec.registry import BLEND, AdapterRegistry, Manifest
 from streamrec.settings import Settings
 
@@ -199,7 +198,8 @@ def run_increment(
     `target_transform` lets a drill corrupt the training examples (a deliberately bad adapter must be
     refused)."""
     from streamrec.generation import adapter_blend, load_recommender
-    from streamrec.model.recommender import Trainer, seed_everything
+    from streamrec.model.recommender import seed_everything
+    from streamrec.model.training import fit
 
     started = time.monotonic()
     cfg = settings.online
@@ -241,28 +241,24 @@ def run_increment(
     # Training pairs: the same templates as the bootstrap, sampled per example; targets the model
     # cannot name (unavailable or unknown items) are skipped.
     pairs = [
-        (rec.instructions.sample(e.history, task_for(e.target_item), rec.names, rec.texts, rng), e.target)
+        TrainingPair(rec.instructions.sample(e.history, task_for(e.target_item), rec.names, rec.texts, rng), e.target)
         for e in train
         if e.target in nameable
     ]
-    steps_per_epoch = math.ceil(len(pairs) / cfg.batch_size)
-    trainer = Trainer(
+    # The bootstrap's loop, without validation: the same pairs reshuffled each epoch, a tenth of one
+    # epoch's steps spent warming up.
+    train_started = time.monotonic()
+    fitted = fit(
         rec,
+        lambda _epoch: pairs,
+        rng,
+        epochs=cfg.epochs if pairs else 0,
+        batch_size=cfg.batch_size,
         lr=cfg.lr,
         weight_decay=settings.train.weight_decay,
-        warmup_steps=max(1, steps_per_epoch // 10),
-        total_steps=max(1, steps_per_epoch * cfg.epochs),
+        warmup=lambda planned: planned // cfg.epochs // 10,
     )
-    losses: list[float] = []
-    train_started = time.monotonic()
-    for _ in range(cfg.epochs if pairs else 0):
-        rng.shuffle(pairs)
-        inputs = rec.tokenize_inputs([p[0] for p in pairs])
-        labels = rec.target_ids([p[1] for p in pairs])
-        trainer.train_mode(True)
-        for b in range(0, len(pairs), cfg.batch_size):
-            losses.append(trainer.step(inputs[b : b + cfg.batch_size], labels[b : b + cfg.batch_size]))
-    trainer.train_mode(False)
+    losses = fitted.losses
     train_seconds = time.monotonic() - train_started
     # The blend follows the stream too: its statistics, refitted on every stored example but the
     # held-out ones, with the weights chosen above (or kept).

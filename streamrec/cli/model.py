@@ -45,6 +45,16 @@ def _train_settings(**overrides: Any) -> Any:
     return base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
+def _instructions(path: Path | None = None) -> Any:
+    """The templates in `path`, else in STREAMREC_MODEL__TEMPLATES; None when neither is set (the
+    packaged ones, or a model directory's own copy)."""
+    from streamrec.instructions import Instructions
+    from streamrec.settings import load_settings
+
+    path = path or load_settings().model.templates
+    return Instructions.load(path) if path else None
+
+
 @app.command()
 def train(
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="The historical log."),
@@ -56,12 +66,13 @@ def train(
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget."),
     seed: int | None = typer.Option(None, help="Random seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    templates: Path | None = typer.Option(None, help="Instruction templates file (default: packaged)."),
+    templates: Path | None = typer.Option(
+        None, help="Instruction templates file (default: STREAMREC_MODEL__TEMPLATES, else packaged)."
+    ),
 ) -> None:
     """Bootstrap a recommender on a historical log: full training (from scratch for 'tiny'), or a LoRA
     increment with --lora. Early-stops on validation NDCG@10 (each user's second-last item)."""
     from streamrec.datasets import leave_one_out
-    from streamrec.instructions import Instructions
     from streamrec.model.training import train as run_train
 
     _threads()
@@ -80,7 +91,7 @@ def train(
         cfg,
         base=base,
         lora=lora,
-        instructions=Instructions.load(templates) if templates else None,
+        instructions=_instructions(templates),
         device=device,
         log=typer.echo,
     )
@@ -119,10 +130,12 @@ def evaluate(
     if model is None:
         cfg = _train_settings(epochs=epochs, max_minutes=max_minutes, seed=seed)
         target = model_out or out.with_name(out.stem + "-model")
-        rec, _ = run_train(split, dataset.catalog, target, cfg, device=device, log=typer.echo)
+        rec, _ = run_train(
+            split, dataset.catalog, target, cfg, instructions=_instructions(), device=device, log=typer.echo
+        )
         train_seconds = time.monotonic() - started
     else:
-        rec = Recommender.load(str(model), device, catalog=dataset.catalog)
+        rec = Recommender.load(str(model), device, instructions=_instructions(), catalog=dataset.catalog)
         train_seconds = 0.0
         target = model
     # The blend fitted here is saved with a model trained here, never into a --model directory.

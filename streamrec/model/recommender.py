@@ -11,7 +11,7 @@ import shutil
 import string
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from streamrec.events import ModelVersion
 from streamrec.instructions import DEFAULT_TEMPLATES, Instructions, RecRequest, item_texts
 from streamrec.model.blend import Blend, top_k
 from streamrec.registry import BLEND
+from streamrec.settings import TrainSettings
 
 # transformers 5 draws a progress bar for every load and save; a worker's log has no use for them.
 hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -37,19 +38,31 @@ TEMPLATES_FILE = "instructions.toml"
 DEFAULT_TASK = "next_click"
 
 
+def _train_default(name: str) -> Any:
+    return TrainSettings.model_fields[name].default
+
+
 @dataclass(frozen=True)
 class TinyConfig:
     """Size of the offline `tiny` T5. Item tokens share input and output embeddings (tied), which is
-    what lets a from-scratch model learn item-to-item structure from short histories."""
+    what lets a from-scratch model learn item-to-item structure from short histories.
 
-    d_model: int = 128
-    d_ff: int = 512
-    num_layers: int = 2
-    num_decoder_layers: int = 1
-    num_heads: int = 4
-    dropout: float = 0.1
-    text_vocab: int = 3000
-    max_input_tokens: int = 160
+    The defaults are TrainSettings' (STREAMREC_TRAIN__D_MODEL, ...), the one place they are set and
+    documented, so a model built here is the one `streamrec train` builds."""
+
+    d_model: int = _train_default("d_model")
+    d_ff: int = _train_default("d_ff")
+    num_layers: int = _train_default("num_layers")
+    num_decoder_layers: int = _train_default("num_decoder_layers")
+    num_heads: int = _train_default("num_heads")
+    dropout: float = _train_default("dropout")
+    text_vocab: int = _train_default("text_vocab")
+    max_input_tokens: int = 160  # not a training setting: a saved model carries its own
+
+    @classmethod
+    def from_settings(cls, train: TrainSettings) -> TinyConfig:
+        """The tiny model these training settings describe."""
+        return cls(**{f.name: getattr(train, f.name) for f in fields(cls) if f.name in TrainSettings.model_fields})
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -97,6 +110,8 @@ class Recommender:
         base: str,
         task: str = DEFAULT_TASK,
         max_input_tokens: int = 512,
+        num_beams: int | None = None,
+        batch_size: int = 64,
     ) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
@@ -106,6 +121,10 @@ class Recommender:
         self.base = base
         self.task = task
         self.max_input_tokens = max_input_tokens
+        # What `recommend` and `item_log_probs` use unless told otherwise (STREAMREC_MODEL__NUM_BEAMS,
+        # __BATCH_SIZE); None beams: max(k, 4).
+        self.num_beams = num_beams
+        self.batch_size = batch_size
         self.adapter_version: str | None = None
         self._lock = threading.RLock()
         self.catalog = Catalog([])
@@ -184,17 +203,26 @@ class Recommender:
         catalog: Catalog | None = None,
         task: str = DEFAULT_TASK,
         use_blend: bool = True,
+        num_beams: int | None = None,
+        batch_size: int = 64,
     ) -> Recommender:
         """A checkpoint by hub id or directory (safetensors weights only). A directory written by
-        `save` brings its scheme, templates and catalog; a plain hub checkpoint uses the `title`
-        scheme unless told otherwise; a `blend.npz` beside the weights is used when `use_blend`.
-        An `adapter_config.json` in the directory is a LoRA increment:
-        its base model is loaded first and the adapter put on top."""
+        `save` brings its scheme, templates and catalog (`instructions` overrides its templates);
+        a plain hub checkpoint uses the `title` scheme unless told otherwise; a `blend.npz` beside
+        the weights is used when `use_blend`. `num_beams` and `batch_size` become the defaults of
+        `recommend` and `item_log_probs`. An `adapter_config.json` in the directory is a LoRA
+        increment: its base model is loaded first and the adapter put on top."""
         path = Path(path_or_id)
         if (path / "adapter_config.json").is_file():
             cfg = json.loads((path / "adapter_config.json").read_text())
             rec = cls.load(
-                str(cfg["base_model_name_or_path"]), device, scheme=scheme, instructions=instructions, task=task
+                str(cfg["base_model_name_or_path"]),
+                device,
+                scheme=scheme,
+                instructions=instructions,
+                task=task,
+                num_beams=num_beams,
+                batch_size=batch_size,
             )
             if catalog is not None:
                 rec.set_catalog(catalog)
@@ -221,6 +249,8 @@ class Recommender:
             base=meta.get("base", path_or_id),
             task=task,
             max_input_tokens=int(meta.get("max_input_tokens", 512)),
+            num_beams=num_beams,
+            batch_size=batch_size,
         )
         if catalog is None and (path / "catalog.jsonl").is_file():
             from streamrec.events import CatalogItem
@@ -372,9 +402,11 @@ class Recommender:
         return {"input_ids": enc.input_ids.to(self.device), "attention_mask": enc.attention_mask.to(self.device)}
 
     @torch.inference_mode()
-    def item_log_probs(self, requests: Sequence[RecRequest], batch_size: int = 64) -> npt.NDArray[np.float32]:
+    def item_log_probs(self, requests: Sequence[RecRequest], batch_size: int | None = None) -> npt.NDArray[np.float32]:
         """Under a one-token-per-item scheme: log P(item | instruction) for every available item, in
-        the order of `catalog.available_ids`, one row per request (for ranking and blending)."""
+        the order of `catalog.available_ids`, one row per request (for ranking and blending), at
+        most `batch_size` requests (default: the model's) per forward pass."""
+        batch_size = batch_size or self.batch_size
         with self._lock:
             if not self._single:
                 raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
@@ -400,12 +432,15 @@ class Recommender:
         k: int = 10,
         *,
         num_beams: int | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         blend: bool | None = None,
     ) -> list[list[ScoredItem]]:
         """Ranked lists (best first, unique, available, never an excluded item) for many users at
-        once. Score: the identifier's log-probability under the model, or under the blended
-        mixture when a blend is set (`blend=False` asks for the model alone)."""
+        once, `batch_size` users per forward pass and `num_beams` beams under a multi-token scheme
+        (defaults: the model's). Score: the identifier's log-probability under the model, or under
+        the blended mixture when a blend is set (`blend=False` asks for the model alone)."""
+        batch_size = batch_size or self.batch_size
+        beams = num_beams or self.num_beams or max(k, 4)
         with self._lock:
             if len(self.trie) == 0:
                 raise ModelError("no catalog: call set_catalog first")
@@ -414,7 +449,7 @@ class Recommender:
                 return self._recommend_single(requests, k, batch_size, use)
             out: list[list[ScoredItem]] = []
             for b in range(0, len(requests), batch_size):
-                out.extend(self._beam_search(requests[b : b + batch_size], k, num_beams or max(k, 4)))
+                out.extend(self._beam_search(requests[b : b + batch_size], k, beams))
             return out
 
     def _recommend_single(

@@ -1,7 +1,9 @@
-"""The training loop, top to bottom: sliding-window instruction examples from every user's history,
-AdamW with warmup and cosine decay, validation NDCG@10 after each epoch, early stopping on it, the
-best weights kept. A bootstrap run trains the whole model (from scratch for `tiny`); a LoRA run
-trains a peft increment on top of an existing model directory and saves only the adapter."""
+"""The training loop, top to bottom, one for the bootstrap and the online increment (`fit`): shuffled
+batches of instruction examples, AdamW with warmup and cosine decay, a progress bar, and, when there
+is a validation set, NDCG@10 after each epoch, early stopping on it and the best weights kept. A
+bootstrap run (`train`) trains the whole model (from scratch for `tiny`) on sliding-window examples
+from every user's history; a LoRA run trains a peft increment on top of an existing model directory
+and saves only the adapter."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from streamrec.catalog import Catalog, SchemeName
 from streamrec.datasets import Split
-from streamrec.instructions import Instructions, RecRequest, training_pairs
+from streamrec.instructions import Instructions, RecRequest, TrainingPair, training_pairs
 from streamrec.model.recommender import Recommender, TinyConfig, Trainer, seed_everything
 from streamrec.ranking import rank_metrics
 from streamrec.settings import TrainSettings
@@ -34,6 +36,113 @@ class TrainReport:
     seconds: float = 0.0
     stopped: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Fit:
+    """What one run of the loop did."""
+
+    examples_per_epoch: int = 0
+    steps: int = 0
+    epochs: int = 0
+    losses: list[float] = field(default_factory=list)  # every step's
+    history: list[dict[str, float]] = field(default_factory=list)  # per validated epoch: loss and metrics
+    best: float = -1.0  # the best validation NDCG@10
+    best_epoch: int = 0
+    stopped: str = ""
+
+
+def fit(
+    rec: Recommender,
+    examples: Callable[[int], list[TrainingPair]],
+    rng: random.Random,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup: Callable[[int], int],
+    validate: Callable[[], dict[str, float]] | None = None,
+    patience: int = 1,
+    max_minutes: float | None = None,
+    started: float | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> Fit:
+    """Train `rec` for at most `epochs` passes. `examples(epoch)` gives each epoch's examples (the
+    list is shuffled in place: hand back the same list to reshuffle it); `warmup(planned steps)` is
+    the number of warmup steps. With `validate` (NDCG@10 among its metrics), each epoch is scored,
+    training stops after `patience` epochs without a better one and the best epoch's weights are
+    kept. `max_minutes` from `started` caps the wall clock: the decay is replanned to fit it."""
+    from tqdm.auto import tqdm
+
+    started = time.monotonic() if started is None else started
+    deadline = None if max_minutes is None else started + max_minutes * 60
+    first = examples(1)
+    total = max(1, math.ceil(len(first) / batch_size)) * epochs
+    trainer = Trainer(rec, lr=lr, weight_decay=weight_decay, warmup_steps=warmup(total), total_steps=total)
+    result = Fit(examples_per_epoch=len(first))
+    best_state: dict[str, Any] | None = None
+    waited = 0
+
+    for epoch in range(1, epochs + 1):
+        batch = first if epoch == 1 else examples(epoch)
+        rng.shuffle(batch)
+        inputs = rec.tokenize_inputs([e.instruction for e in batch])
+        labels = rec.target_ids([e.target for e in batch])
+        trainer.train_mode(True)
+        bar = tqdm(
+            range(0, len(batch), batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
+        )
+        running = 0.0
+        epoch_started = time.monotonic()
+        for n, b in enumerate(bar):
+            loss = trainer.step(inputs[b : b + batch_size], labels[b : b + batch_size])
+            result.steps += 1
+            result.losses.append(loss)
+            if deadline is not None and result.steps == 30:
+                # Plan the decay for the steps the time budget allows (8% kept for validation):
+                # a cosine that never gets to decay leaves the model at its noisiest.
+                per_step = (time.monotonic() - epoch_started) / (n + 1)
+                affordable = result.steps + int(0.92 * (deadline - time.monotonic()) / per_step)
+                if affordable < total:
+                    trainer.total_steps = max(affordable, result.steps + 1)
+                    trainer.warmup_steps = max(result.steps, warmup(trainer.total_steps))
+            running = 0.98 * running + 0.02 * loss if n else loss
+            bar.set_postfix(loss=f"{running:.3f}")
+            if deadline is not None and time.monotonic() > deadline:
+                break
+        bar.close()
+        result.epochs = epoch
+        if validate is None:
+            continue
+
+        # Validation NDCG@10 decides what is kept and when to stop.
+        trainer.train_mode(False)
+        metrics = validate()
+        result.history.append({"epoch": epoch, "loss": running, **metrics})
+        log(
+            f"epoch {epoch}: loss {running:.3f}, val HR@10 {metrics['HR@10']:.4f}, "
+            f"NDCG@10 {metrics['NDCG@10']:.4f} ({time.monotonic() - started:.0f}s)"
+        )
+        if metrics["NDCG@10"] > result.best:
+            result.best, waited, result.best_epoch = metrics["NDCG@10"], 0, epoch
+            best_state = rec.snapshot()
+        else:
+            waited += 1
+        if waited >= patience:
+            result.stopped = f"no better validation NDCG@10 for {patience} epochs"
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            result.stopped = f"time budget of {max_minutes} minutes reached"
+            break
+    else:
+        result.stopped = f"all {epochs} epochs"
+
+    if best_state is not None:
+        rec.restore(best_state)
+    trainer.train_mode(False)
+    return result
 
 
 def cooccurrence_embeddings(
@@ -97,8 +206,6 @@ def train(
 ) -> tuple[Recommender, TrainReport]:
     """Train on `split.train`, early-stop on `split.valid`, save the best model (or adapter) to
     `out_dir` and return it ready to recommend."""
-    from tqdm.auto import tqdm
-
     started = time.monotonic()
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -107,15 +214,7 @@ def train(
     # 1. The model: tiny from scratch, a pretrained checkpoint to fine-tune, or LoRA on a model dir.
     if base == "tiny" and not lora:
         instructions = instructions or Instructions.load()
-        tiny = TinyConfig(
-            d_model=cfg.d_model,
-            d_ff=cfg.d_ff,
-            num_layers=cfg.num_layers,
-            num_decoder_layers=cfg.num_decoder_layers,
-            num_heads=cfg.num_heads,
-            dropout=cfg.dropout,
-            text_vocab=cfg.text_vocab,
-        )
+        tiny = TinyConfig.from_settings(cfg)
         rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=device, seed=cfg.seed, scheme=scheme)
         lr = cfg.lr
     else:
@@ -138,104 +237,54 @@ def train(
     if len(val_users) > cfg.eval_users:
         val_users = sorted(random.Random(cfg.seed).sample(val_users, cfg.eval_users))
 
-    # 3. Optimiser and schedule, planned for all epochs; early stopping may end sooner.
-    examples = training_pairs(
-        split.train,
-        rec.instructions,
-        rec.names,
-        rec.texts,
+    # 3. Examples: fresh template samples each epoch (instruction diversity).
+    def examples(_epoch: int) -> list[TrainingPair]:
+        return training_pairs(
+            split.train,
+            rec.instructions,
+            rec.names,
+            rec.texts,
+            rng,
+            cold_start_share=cfg.cold_start_share,
+            targets=rec.trie_items,
+        )
+
+    # 4. The loop: the schedule planned for all epochs, early stopping on validation NDCG@10.
+    done = fit(
+        rec,
+        examples,
         rng,
-        cold_start_share=cfg.cold_start_share,
-        targets=rec.trie_items,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        warmup=lambda planned: int(cfg.warmup * planned),
+        validate=lambda: validation_ndcg(rec, split, val_users),
+        patience=cfg.patience,
+        max_minutes=cfg.max_minutes,
+        started=started,
+        progress=progress,
+        log=log,
     )
-    steps_per_epoch = max(1, math.ceil(len(examples) / cfg.batch_size))
-    total = steps_per_epoch * cfg.epochs
-    trainer = Trainer(
-        rec, lr=lr, weight_decay=cfg.weight_decay, warmup_steps=int(cfg.warmup * total), total_steps=total
+    report = TrainReport(
+        out_dir=str(out),
+        best_val_ndcg10=done.best,
+        best_epoch=done.best_epoch,
+        epochs=done.epochs,
+        steps=done.steps,
+        examples_per_epoch=done.examples_per_epoch,
+        stopped=done.stopped,
+        history=done.history,
     )
-    report = TrainReport(out_dir=str(out), examples_per_epoch=len(examples))
-    best_state: dict[str, Any] | None = None
-    best = -1.0
-    waited = 0
-    deadline = started + cfg.max_minutes * 60
 
-    # 4. Epochs: fresh template samples each time (instruction diversity), shuffled batches.
-    for epoch in range(1, cfg.epochs + 1):
-        if epoch > 1:
-            examples = training_pairs(
-                split.train,
-                rec.instructions,
-                rec.names,
-                rec.texts,
-                rng,
-                cold_start_share=cfg.cold_start_share,
-                targets=rec.trie_items,
-            )
-        rng.shuffle(examples)
-        inputs = rec.tokenize_inputs([e.instruction for e in examples])
-        labels = rec.target_ids([e.target for e in examples])
-        trainer.train_mode(True)
-        bar = tqdm(
-            range(0, len(examples), cfg.batch_size),
-            desc=f"epoch {epoch}",
-            disable=not progress,
-            leave=False,
-            unit="batch",
-        )
-        running = 0.0
-        epoch_started = time.monotonic()
-        for n, b in enumerate(bar):
-            loss = trainer.step(inputs[b : b + cfg.batch_size], labels[b : b + cfg.batch_size])
-            report.steps += 1
-            if report.steps == 30:
-                # Plan the decay for the steps the time budget allows (8% kept for validation):
-                # a cosine that never gets to decay leaves the model at its noisiest.
-                per_step = (time.monotonic() - epoch_started) / (n + 1)
-                affordable = report.steps + int(0.92 * (deadline - time.monotonic()) / per_step)
-                if affordable < total:
-                    trainer.total_steps = max(affordable, report.steps + 1)
-                    trainer.warmup_steps = max(report.steps, int(cfg.warmup * trainer.total_steps))
-            running = 0.98 * running + 0.02 * loss if n else loss
-            bar.set_postfix(loss=f"{running:.3f}")
-            if time.monotonic() > deadline:
-                break
-        bar.close()
-
-        # 5. Validation NDCG@10 decides what is kept and when to stop.
-        trainer.train_mode(False)
-        metrics = validation_ndcg(rec, split, val_users)
-        report.epochs = epoch
-        report.history.append({"epoch": epoch, "loss": running, **metrics})
-        log(
-            f"epoch {epoch}: loss {running:.3f}, val HR@10 {metrics['HR@10']:.4f}, "
-            f"NDCG@10 {metrics['NDCG@10']:.4f} ({time.monotonic() - started:.0f}s)"
-        )
-        if metrics["NDCG@10"] > best:
-            best, waited, report.best_epoch = metrics["NDCG@10"], 0, epoch
-            best_state = rec.snapshot()
-        else:
-            waited += 1
-        if waited >= cfg.patience:
-            report.stopped = f"no better validation NDCG@10 for {cfg.patience} epochs"
-            break
-        if time.monotonic() > deadline:
-            report.stopped = f"time budget of {cfg.max_minutes} minutes reached"
-            break
-    else:
-        report.stopped = f"all {cfg.epochs} epochs"
-
-    # 6. Keep the best epoch's weights and save them.
-    if best_state is not None:
-        rec.restore(best_state)
-    trainer.train_mode(False)
-    report.best_val_ndcg10 = best
+    # 5. Save the best epoch's weights (the loop has put them back).
     if lora:
         rec.save_adapter(out)
     else:
         rec.save(out)
     report.seconds = time.monotonic() - started
     log(
-        f"best validation NDCG@10 {best:.4f} at epoch {report.best_epoch}; {report.stopped}; "
+        f"best validation NDCG@10 {done.best:.4f} at epoch {report.best_epoch}; {report.stopped}; "
         f"{report.seconds:.0f}s; saved to {out}"
     )
     return rec, report
