@@ -1,5 +1,6 @@
-"""Build a faust app for one role (ingest, infer or train) from Settings. Each role is its own consumer
-group (the app id plus a suffix): faust expects every member of a group to run the same agents."""
+"""Build a faust app for one role (ingest, infer or train) from Settings, with the topics, tables and
+topic mirrors its agents share. Each role is its own consumer group (the app id plus a suffix): faust
+expects every member of a group to run the same agents. Imports no agent: agents.create_app wires them."""
 
 from __future__ import annotations
 
@@ -12,25 +13,53 @@ from faust.types import TableT
 
 from agents.internals import on_agent_error, set_fetch_max_wait
 from agents.supervision import Supervisor
-from streamrec.settings import Settings, faust_credentials
+from streamrec.cache import LRUCache
+from streamrec.feedback_store import ExampleStore
+from streamrec.kafka.config import faust_credentials
+from streamrec.kafka.mirror import TopicMirror
+from streamrec.settings import Settings
 
 ROLES = {"ingest": "", "infer": "-infer", "train": "-train"}
 
 
 @dataclass
-class Streams:
-    """What the ingest agents share: the app, the settings, topics and tables."""
+class Worker:
+    """What every worker's agents share."""
 
     app: faust.App
     settings: Settings
-    events: faust.TopicT
     dlq: faust.TopicT
+    supervisor: Supervisor
+
+
+@dataclass
+class IngestStreams(Worker):
+    events: faust.TopicT  # clicks and purchases
     history_updates: faust.TopicT
     catalog_topic: faust.TopicT
     trending: faust.TopicT
     histories: TableT[bytes, bytes]  # user id -> UserState JSON
     catalog: TableT[bytes, bytes]  # item id -> CatalogItem JSON
-    supervisor: Supervisor
+
+
+@dataclass
+class InferStreams(Worker):
+    updates: faust.TopicT  # history updates
+    recommendations: faust.TopicT
+    # Every worker needs the whole catalog and every partition's trending snapshot: mirrors of the
+    # compacted topics, outside the consumer group.
+    catalog: TopicMirror
+    trending: TopicMirror
+    adapters: TopicMirror
+
+
+@dataclass
+class TrainStreams(Worker):
+    source: faust.TopicT  # clicks, purchases and recommendations
+    adapters: faust.TopicT
+    users: TableT[bytes, bytes]  # user id -> FeedbackUser JSON
+    store: ExampleStore
+    catalog: TopicMirror
 
 
 # faust's own views stay off: /table serves raw table values (a user's events and seen event ids),
@@ -95,47 +124,73 @@ def faust_app(settings: Settings, role: str) -> faust.App:
     )
 
 
-def ingest_streams(settings: Settings) -> Streams:
-    app = faust_app(settings, "ingest")
-    supervisor = Supervisor(settings, "ingest")
-    on_agent_error(app, supervisor.on_agent_error)
-    topics = settings.topics
-    return Streams(
-        app=app,
-        settings=settings,
-        events=app.topic(topics.clicks, topics.purchases, key_type=bytes, value_type=bytes),
-        dlq=app.topic(topics.dlq, key_type=bytes, value_type=bytes),
-        history_updates=app.topic(topics.history_updates, key_type=bytes, value_type=bytes),
-        catalog_topic=app.topic(topics.catalog, key_type=bytes, value_type=bytes),
-        trending=app.topic(topics.trending, key_type=bytes, value_type=bytes),
-        histories=app.Table("histories", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None),
-        catalog=app.GlobalTable(
+def worker(settings: Settings, role: str) -> Worker:
+    """The app of `role`, whose agents stop the worker on a failure no message owns."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
+    app, supervisor = faust_app(settings, role), Supervisor(settings, role)
+    on_agent_error(app, supervisor.on_agent_error)  # before any agent is defined: it applies to those after
+    dlq = app.topic(settings.topics.dlq, key_type=bytes, value_type=bytes)
+    return Worker(app, settings, dlq, supervisor)
+
+
+def topic(w: Worker, *names: str) -> faust.TopicT:
+    return w.app.topic(*names, key_type=bytes, value_type=bytes)
+
+
+def mirror(w: Worker, name: str) -> TopicMirror:
+    """A mirror of a compacted topic whose death stops the worker: it would serve stale data."""
+    mirrored = TopicMirror(w.settings.kafka, name)
+    w.app.add_future(w.supervisor.guard(f"mirror of {name}", mirrored.run()))
+    return mirrored
+
+
+def user_cache(app: faust.App, capacity: int) -> LRUCache[bytes, Any]:
+    """A cache of decoded per-user table values. Any rebalance may move users: forget them all."""
+    cache: LRUCache[bytes, Any] = LRUCache(capacity)
+    app.on_partitions_revoked.connect(lambda *_, **__: cache.clear(), weak=False)
+    app.on_partitions_assigned.connect(lambda *_, **__: cache.clear(), weak=False)
+    return cache
+
+
+def ingest_streams(settings: Settings) -> IngestStreams:
+    w, topics = worker(settings, "ingest"), settings.topics
+    return IngestStreams(
+        **vars(w),
+        events=topic(w, topics.clicks, topics.purchases),
+        history_updates=topic(w, topics.history_updates),
+        catalog_topic=topic(w, topics.catalog),
+        trending=topic(w, topics.trending),
+        histories=w.app.Table(
+            "histories", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None
+        ),
+        catalog=w.app.GlobalTable(
             "catalog", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None
         ),
-        supervisor=supervisor,
     )
 
 
-def create_app(settings: Settings, role: str) -> faust.App:
-    """The faust app of `role` with its agents and web views registered."""
-    from agents import catalog, feedback, infer, ingest, web
+def infer_streams(settings: Settings) -> InferStreams:
+    w, topics = worker(settings, "infer"), settings.topics
+    return InferStreams(
+        **vars(w),
+        updates=topic(w, topics.history_updates),
+        recommendations=topic(w, topics.recommendations),
+        catalog=mirror(w, topics.catalog),
+        trending=mirror(w, topics.trending),
+        adapters=mirror(w, topics.adapters),
+    )
 
-    if role == "ingest":
-        streams = ingest_streams(settings)
-        ingest.register(streams)
-        catalog.register(streams)
-        web.register_history(streams)
-        app = streams.app
-        supervisor = streams.supervisor
-    elif role == "infer":
-        app, supervisor = faust_app(settings, "infer"), Supervisor(settings, "infer")
-        on_agent_error(app, supervisor.on_agent_error)
-        infer.register(app, settings, supervisor)
-    elif role == "train":
-        app, supervisor = faust_app(settings, "train"), Supervisor(settings, "train")
-        on_agent_error(app, supervisor.on_agent_error)
-        feedback.register(app, settings, supervisor)
-    else:
-        raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLES)}")
-    web.register_common(app, supervisor)
-    return app
+
+def train_streams(settings: Settings) -> TrainStreams:
+    w, topics = worker(settings, "train"), settings.topics
+    return TrainStreams(
+        **vars(w),
+        source=topic(w, topics.clicks, topics.purchases, topics.recommendations),
+        adapters=topic(w, topics.adapters),
+        users=w.app.Table(
+            "feedback-users", partitions=topics.partitions, key_type=bytes, value_type=bytes, default=None
+        ),
+        store=ExampleStore(settings.data_dir / "feedback", settings.online.capacity),
+        catalog=mirror(w, topics.catalog),
+    )

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import faust
 
-from agents.app import Streams
+from agents.app import IngestStreams
 from agents.supervision import dead_letter
-from streamrec.errors import InvalidMessage
-from streamrec.events import CatalogItem, parse
+from streamrec.catalog import decode_item
 
 
-def register(streams: Streams) -> None:
+def register(streams: IngestStreams) -> None:
     settings = streams.settings
 
     @streams.app.agent(streams.catalog_topic, name="catalog")
@@ -21,9 +20,7 @@ def register(streams: Streams) -> None:
                 streams.catalog.pop(message.key, None)  # a tombstone removes the item
                 continue
             try:
-                item = parse(CatalogItem, message.value, settings.contract)
-                if message.key is not None and message.key != item.item_id.encode():
-                    raise InvalidMessage(f"message key {message.key[:300]!r} is not the item_id {item.item_id!r}")
+                item = decode_item(message.value, message.key, settings.contract)
             except Exception as exc:  # whatever one message makes the decoder do, it is that message's
                 await dead_letter(streams.dlq, settings, message, exc)
                 continue

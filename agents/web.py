@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import SecretStr
 
-from agents.app import Streams
+from agents.app import IngestStreams
 from agents.supervision import Supervisor
+from streamrec.access import authorized
 from streamrec.history import UserState
 from streamrec.metrics import CONSUMER_LAG
 
 
-def authorized(header: str | None, token: SecretStr | None) -> bool:
-    """Whether a request with this Authorization header may read a history: any request when no token
-    is configured, else `Bearer <token>` only (compared in constant time). An empty token admits nobody."""
-    if token is None:
-        return True
-    expected = token.get_secret_value().encode()
-    scheme, _, given = (header or "").strip().partition(" ")
-    return bool(expected) and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
-
-
-def register_history(streams: Streams) -> None:
+def register_history(streams: IngestStreams) -> None:
     app = streams.app
     token = streams.settings.web_token
 

@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from streamrec.errors import ModelError
-from streamrec.events import CatalogItem
+from streamrec.errors import InvalidMessage, ModelError
+from streamrec.events import CatalogItem, parse
+from streamrec.settings import ContractSettings
 
 SchemeName = Literal["item_token", "title"]
 SCHEMES: tuple[SchemeName, ...] = ("item_token", "title")
@@ -52,9 +53,35 @@ class Catalog:
     def available_ids(self) -> list[str]:
         return [i for i, item in self._items.items() if item.available]
 
+    def fingerprint(self) -> tuple[int, int]:
+        """A cheap identity of the content that serving depends on: a catalog that keeps it needs no
+        new trie or identifiers."""
+        return (len(self), hash(tuple((i.item_id, i.available, i.title) for i in self)))
+
     def updated(self, items: Iterable[CatalogItem]) -> Catalog:
         """A new catalog with these records added or replaced (the old one is left untouched)."""
         return Catalog([*self._items.values(), *items])
+
+
+def decode_item(value: bytes | None, key: bytes | None, limits: ContractSettings) -> CatalogItem:
+    """The item a catalog message carries, or InvalidMessage: the contract, and a key (when there is
+    one) that is the item's id, since compaction keeps one record per key."""
+    item = parse(CatalogItem, value, limits)
+    if key is not None and key != item.item_id.encode():
+        raise InvalidMessage(f"message key {key[:300]!r} is not the item_id {item.item_id!r}")
+    return item
+
+
+def read_catalog(table: Mapping[bytes, bytes]) -> Catalog:
+    """The catalog held in a table or topic mirror (item id -> CatalogItem JSON), skipping entries that
+    do not validate (the ingest worker's catalog agent sends those to the dead-letter topic)."""
+    items = []
+    for value in list(table.values()):  # copied first: the trainer reads a mirror from its own thread
+        try:
+            items.append(parse(CatalogItem, value))
+        except InvalidMessage:
+            continue
+    return Catalog(items)
 
 
 def item_token(item_id: str) -> str:

@@ -6,15 +6,24 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from streamrec.catalog import Catalog
+from streamrec.catalog import Catalog, read_catalog
 from streamrec.errors import InvalidMessage, ModelError
-from streamrec.events import AdapterAnnouncement, HistoryUpdate, Recommendation, RecommendedItem, utcnow
+from streamrec.events import (
+    AdapterAnnouncement,
+    HistoryUpdate,
+    ModelVersion,
+    Recommendation,
+    RecommendedItem,
+    parse,
+    utcnow,
+)
 from streamrec.instructions import RecRequest
+from streamrec.metrics import ADAPTER_REJECTED, ADAPTER_SWAPS, MODEL_INFO
 from streamrec.model.blend import Blend
 from streamrec.registry import (
     BLEND,
@@ -28,8 +37,8 @@ from streamrec.registry import (
     private_copy,
 )
 from streamrec.serving import model_weight, serve_list
-from streamrec.settings import Settings, registry_root
-from streamrec.signing import AdapterBadSignature, AdapterUnsigned, check_signature
+from streamrec.settings import ContractSettings, Settings, registry_root
+from streamrec.signing import AdapterBadSignature, AdapterUnsigned, adapter_key, check_signature
 
 if TYPE_CHECKING:
     from streamrec.model.recommender import Recommender
@@ -37,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+T = TypeVar("T")
 
 
 def tiny_dir(settings: Settings) -> Path:
@@ -114,6 +124,74 @@ def refusal_reason(exc: BaseException) -> str:
     return next((reason for kind, reason in _REFUSALS if isinstance(exc, kind)), "load")
 
 
+class CatalogWatch:
+    """When the inference worker re-reads its catalog mirror: before a model is loaded, then every
+    `every_s` seconds. A catalog with nothing available is never put in service."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.read_at: float | None = None
+
+    def to_apply(self, mirror: Mapping[bytes, bytes], loaded: bool, now: float) -> Catalog | None:
+        """The catalog to hand the generator (it skips one whose fingerprint it has), or None."""
+        if loaded and self.read_at is not None and now - self.read_at < self.every_s:
+            return None
+        self.read_at = now
+        current = read_catalog(mirror)
+        return current if current.available_ids else None
+
+
+class AdapterWatch:
+    """Which adapter announcement the inference worker acts on: each new one, once. Only the one
+    handled last (served or refused) is remembered: a rollback announces an older version again,
+    byte for byte, and must still be acted on."""
+
+    def __init__(self) -> None:
+        self.considered: bytes | None = None
+
+    def to_apply(self, raw: bytes | None, serving: ModelVersion | None) -> AdapterAnnouncement | None:
+        """The announcement to put in service; None when there is no new one or it names the adapter
+        of `serving`. Raises InvalidMessage (`refusal_reason`: invalid) when it does not parse."""
+        if raw is None or raw == self.considered:
+            return None
+        self.considered = raw
+        announcement = parse(AdapterAnnouncement, raw)
+        return None if announcement.version == (serving.adapter if serving else None) else announcement
+
+    def served(self) -> None:
+        ADAPTER_SWAPS.inc()
+
+    def refused(self, exc: BaseException) -> str:
+        """Count and log a refused announcement (the adapter in service stays); returns its reason."""
+        reason = refusal_reason(exc)
+        ADAPTER_REJECTED.labels(reason=reason).inc()
+        log.error("adapter announcement refused (%s), keeping the adapter in service: %s", reason, exc)
+        return reason
+
+
+def newest_per_user(
+    messages: Iterable[tuple[T, bytes | None]], limits: ContractSettings
+) -> tuple[list[tuple[T, HistoryUpdate]], list[tuple[T, Exception]]]:
+    """A micro-batch of (message, value) pairs as (message, update) pairs, the newest per user (one
+    user's updates arrive in order: the last), and the messages that do not decode, with why."""
+    newest: dict[str, tuple[T, HistoryUpdate]] = {}
+    bad: list[tuple[T, Exception]] = []
+    for message, value in messages:
+        try:
+            update = parse(HistoryUpdate, value, limits)
+        except Exception as exc:  # whatever one message makes the decoder do, it is that message's
+            bad.append((message, exc))
+            continue
+        newest[update.user_id] = (message, update)
+    return list(newest.values()), bad
+
+
+def served_by(rec: Recommendation) -> str:
+    """The `kind` label of streamrec_recommendations_total: model when the model placed any item,
+    else trending (a cold start served from popularity alone)."""
+    return "model" if any(i.reason and "model" in i.reason for i in rec.items) else "trending"
+
+
 def adapter_blend(settings: Settings, folder: Path, blend_sha256: str | None) -> Blend | None:
     """The blend an adapter version is served with: its own when it ships one (`blend_sha256`, already
     checked) and blending is on; None means the base model's. The inference worker and the trainer
@@ -131,9 +209,20 @@ class Generator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if adapter_key(settings.adapter_key) is None:  # an empty key fails here, at start
+            log.warning(
+                "STREAMREC_ADAPTER_KEY is not set: adapter announcements are not authenticated, and whoever "
+                "can write to %s chooses which registered adapter is served",
+                settings.topics.adapters,
+            )
         self.recommender: Recommender | None = None
         self.catalog = Catalog([])
         self._catalog_key: tuple[int, int] | None = None
+
+    @property
+    def version(self) -> ModelVersion | None:
+        """The base model and adapter in service; None before the first catalog."""
+        return self.recommender.version if self.recommender is not None else None
 
     def set_catalog(self, catalog: Catalog, key: tuple[int, int]) -> None:
         """Use a new catalog from the next batch on (`key` identifies its content cheaply)."""
@@ -144,8 +233,13 @@ class Generator:
         if self.recommender is None:
             self.recommender = load_recommender(self.settings, catalog)
             log.info("model loaded: %s", self.recommender.version)
+            self._model_info()
         else:
             self.recommender.set_catalog(catalog)
+
+    def _model_info(self) -> None:
+        if (version := self.version) is not None:
+            MODEL_INFO.info({"base": version.base, "adapter": version.adapter or ""})
 
     def apply_adapter(self, announcement: AdapterAnnouncement) -> None:
         """Put an announced adapter in service, between two batches (this runs in the generation
@@ -159,6 +253,7 @@ class Generator:
             blend = adapter_blend(self.settings, folder, announcement.blend_sha256)
             self.recommender.load_adapter(str(folder), version=announcement.version, blend=blend)
         log.info("adapter %s in service", announcement.version)
+        self._model_info()
 
     def generate_each(
         self, updates: Sequence[HistoryUpdate], trending: Mapping[str, float]

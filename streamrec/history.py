@@ -1,4 +1,5 @@
-"""Rolling per-user histories: the pure rules for accepting one event. No Kafka, no disk.
+"""Rolling per-user histories: the pure rules for decoding and accepting events and for the history
+update they trigger. No Kafka, no disk.
 
 A user's state is the newest `max_events` events by event time (oldest first, ties broken by
 event_id) plus the ids of the last `dedup_window` accepted events. Both live in one value so a
@@ -7,11 +8,15 @@ table write records them together: after a crash, a replayed event is recognised
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
+from datetime import datetime
 from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
-from streamrec.events import Event
+from streamrec.errors import InvalidMessage, StateError
+from streamrec.events import Event, HistoryUpdate, check_event_time, parse
+from streamrec.settings import ContractSettings
 
 
 class UserState(BaseModel):
@@ -26,6 +31,29 @@ class UserState(BaseModel):
     @classmethod
     def from_bytes(cls, raw: bytes) -> UserState:
         return cls.model_validate_json(raw)
+
+
+def decode_event(value: bytes | None, key: object, limits: ContractSettings) -> Event:
+    """The event a message carries, or InvalidMessage: the contract, the event time range, and the key."""
+    event = parse(Event, value, limits)
+    if not isinstance(key, bytes):
+        raise InvalidMessage("the message has no key: events are keyed by their user_id")
+    # The table is partitioned like the input topics: an event keyed by anything but its user would
+    # land in another partition's copy of that user's history. Compared as bytes, since a lossy decode
+    # of the key would let b"\xff" pass for the user "\ufffd", whose table key is its UTF-8.
+    if key != event.user_id.encode():
+        raise InvalidMessage(f"message key {key[:300]!r} is not the event's user_id {event.user_id!r}")
+    check_event_time(event, limits)
+    return event
+
+
+def stored_state(key: bytes, stored: bytes | None) -> UserState | None:
+    """A table value as a UserState (None when the user has none). The values are written by the
+    ingest agent alone, so one that does not validate means the store is damaged: StateError."""
+    try:
+        return UserState.from_bytes(stored) if stored else None
+    except ValueError as exc:  # pydantic's ValidationError
+        raise StateError(f"the stored history of user {key[:300]!r} is unreadable: {exc}") from exc
 
 
 class Applied(NamedTuple):
@@ -66,3 +94,45 @@ def apply_events(
             accepted.append(event)
         changed = changed or ch
     return state, accepted, changed
+
+
+class Batch(NamedTuple):
+    """One user's events of an ingest batch, applied. Indexes are into the events given."""
+
+    state: UserState
+    accepted: list[int]  # arrival order; the others were duplicates or failed
+    failed: list[tuple[int, Exception]]  # events a rule failed on: each is that event's dead letter
+    trigger: int | None  # the event that triggers a history update; None: the history did not change
+
+
+def apply_batch(state: UserState | None, events: Sequence[Event], *, max_events: int, dedup_window: int) -> Batch:
+    """Apply one user's events in arrival order; a rule that fails on one event skips that event only.
+    Clicks and purchases interleave in any order, so the trigger is the newest accepted event by
+    event time (ties by event_id), not the last to arrive."""
+    state = state or UserState()
+    accepted: list[int] = []
+    failed: list[tuple[int, Exception]] = []
+    changed = False
+    for n, event in enumerate(events):
+        try:
+            applied = apply_event(state, event, max_events=max_events, dedup_window=dedup_window)
+        except Exception as exc:  # whatever the rule does on one event must not take the batch with it
+            failed.append((n, exc))
+            continue
+        if applied.accepted:
+            state, changed = applied.state, changed or applied.changed
+            accepted.append(n)
+    trigger = max(accepted, key=lambda n: (events[n].ts, events[n].event_id)) if changed else None
+    return Batch(state, accepted, failed, trigger)
+
+
+def history_update(state: UserState, trigger: Event, appended_at: datetime | None) -> HistoryUpdate:
+    """What the inference workers receive: the user's whole history and the event that triggered it
+    (`appended_at`: when the broker appended the trigger, for the freshness metric)."""
+    return HistoryUpdate(
+        user_id=trigger.user_id,
+        events=list(state.events),
+        trigger_event_id=trigger.event_id,
+        event_ts=trigger.ts,
+        trigger_appended_at=appended_at,
+    )

@@ -8,6 +8,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+
+from streamrec.errors import InvalidMessage
+from streamrec.events import Event, TrendingSnapshot, parse
 
 PURCHASE_WEIGHT = 3.0  # a purchase says more about what is wanted now than a click
 
@@ -58,3 +62,38 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, float]]) -> dict[str, float
         for item, count in snap.items():
             total[item] = total.get(item, 0.0) + count
     return total
+
+
+class PartitionTrending:
+    """What one ingest worker counts: a Trending per input partition it owns, each published as its
+    own snapshot (clear it when partitions move: the new owner counts from then on)."""
+
+    def __init__(self, half_life_s: float) -> None:
+        self.half_life_s = half_life_s
+        self.partitions: dict[int, Trending] = {}
+
+    def add(self, partition: int, events: Iterable[Event]) -> None:
+        counts = self.partitions.setdefault(partition, Trending(self.half_life_s))
+        for event in events:
+            counts.add(event.item_id, event.ts.timestamp(), PURCHASE_WEIGHT if event.type == "purchase" else 1)
+
+    def snapshots(self, top_n: int, as_of: datetime) -> list[TrendingSnapshot]:
+        return [
+            TrendingSnapshot(partition=partition, items=counts.snapshot(top_n), as_of=as_of)
+            for partition, counts in list(self.partitions.items())
+        ]
+
+    def clear(self) -> None:
+        self.partitions.clear()
+
+
+def read_trending(table: Mapping[bytes, bytes]) -> dict[str, float]:
+    """The merged popularity held in a topic mirror of snapshots (partition -> TrendingSnapshot JSON),
+    skipping entries that do not validate."""
+    snapshots = []
+    for value in list(table.values()):
+        try:
+            snapshots.append(parse(TrendingSnapshot, value).items)
+        except InvalidMessage:
+            continue
+    return merge_snapshots(snapshots)
