@@ -36,7 +36,7 @@ def register(streams: IngestStreams) -> None:
         batch = apply_batch(state, [e for _, e in arrivals], max_events=hist.max_events, dedup_window=hist.dedup_window)
         for n, exc in batch.failed:
             await dead_letter(dlq, settings, arrivals[n][0].message, exc)
-        EVENTS_DUPLICATE.inc(len(arrivals) - len(batch.accepted))
+        EVENTS_DUPLICATE.inc(len(arrivals) - len(batch.accepted) - len(batch.failed))
         if not batch.accepted:
             return
         bind_event(arrivals[0][0])  # the dead letters above may have moved faust's current event

@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from streamrec.catalog import ScoredItem
 from streamrec.instructions import HistoryItem, RecRequest
+from streamrec.ranking import gain
 
 if TYPE_CHECKING:
     from streamrec.model.recommender import Recommender
@@ -312,9 +313,7 @@ def fit_blend_weights(
             for r, t in enumerate(targets):
                 row = mixed[r].copy()
                 row[list(banned[r])] = -1.0
-                rank = int((row > row[t]).sum()) + 1
-                if rank <= 10:
-                    total += 1.0 / float(np.log2(rank + 1))
+                total += gain(int((row > row[t]).sum()) + 1, 10)  # ties go the target's way
             ndcg = total / max(len(targets), 1)
             if ndcg > best[2] + 1e-9:
                 best = (a, b, ndcg)
