@@ -71,8 +71,8 @@ def register(streams: InferStreams) -> None:
                 trending = read_trending(streams.trending.values)
                 updates = [u for _, u in batch]
                 served, failed = await loop.run_in_executor(executor, generator.generate_each, updates, trending)
-                for n, exc in failed:  # a history that breaks generation on its own
-                    await dead_letter(dlq, settings, batch[n][0].message, exc)
+            for n, exc in failed:  # a history that breaks generation on its own
+                await dead_letter(dlq, settings, batch[n][0].message, exc)
             for n, rec in served:
                 await streams.recommendations.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
                 RECOMMENDATIONS.labels(kind=served_by(rec)).inc()

@@ -81,21 +81,6 @@ def apply_event(state: UserState | None, event: Event, *, max_events: int, dedup
     return Applied(UserState(events=tuple(events), seen=seen), accepted=True, changed=changed)
 
 
-def apply_events(
-    state: UserState | None, events: list[Event], *, max_events: int, dedup_window: int
-) -> tuple[UserState, list[Event], bool]:
-    """Apply a batch of one user's events in arrival order: (state, accepted events, changed)."""
-    state = state or UserState()
-    accepted: list[Event] = []
-    changed = False
-    for event in events:
-        state, ok, ch = apply_event(state, event, max_events=max_events, dedup_window=dedup_window)
-        if ok:
-            accepted.append(event)
-        changed = changed or ch
-    return state, accepted, changed
-
-
 class Batch(NamedTuple):
     """One user's events of an ingest batch, applied. Indexes are into the events given."""
 

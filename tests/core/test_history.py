@@ -6,7 +6,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 from streamrec.events import Event
-from streamrec.history import UserState, apply_event, apply_events
+from streamrec.history import UserState, apply_batch, apply_event
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -34,12 +34,12 @@ def test_keeps_newest_events_oldest_first() -> None:
 
 
 def test_late_event_is_placed_by_event_time_and_ties_by_event_id() -> None:
-    state, _, _ = apply_events(
+    state = apply_batch(
         None,
         [ev(10, eid="b"), ev(30, eid="d"), ev(20, eid="c2"), ev(20, eid="c1")],
         max_events=10,
         dedup_window=10,
-    )
+    ).state
     assert ids(state) == ["b", "c1", "c2", "d"]
 
 
@@ -69,7 +69,7 @@ def test_dedup_window_forgets_the_oldest_ids() -> None:
 
 
 def test_event_older_than_a_full_history_is_accepted_but_changes_nothing() -> None:
-    state, _, _ = apply_events(None, [ev(i) for i in range(10, 13)], max_events=3, dedup_window=10)
+    state = apply_batch(None, [ev(i) for i in range(10, 13)], max_events=3, dedup_window=10).state
     old = apply_event(state, ev(1), max_events=3, dedup_window=10)
     assert (old.accepted, old.changed) == (True, False)
     assert ids(old.state) == ids(state) and "e1" in old.state.seen
@@ -81,13 +81,13 @@ def test_any_arrival_order_gives_the_same_history() -> None:
     for seed in range(5):
         shuffled = events + events[:30]  # with duplicates
         random.Random(seed).shuffle(shuffled)
-        state, accepted, _ = apply_events(None, shuffled, max_events=20, dedup_window=1000)
+        state, accepted, _, _ = apply_batch(None, shuffled, max_events=20, dedup_window=1000)
         assert list(state.events) == expected
         assert len(accepted) == 200
 
 
 def test_state_round_trips_through_bytes() -> None:
-    state, _, _ = apply_events(
+    state = apply_batch(
         None, [ev(i, kind="purchase" if i % 3 else "click") for i in range(7)], max_events=5, dedup_window=6
-    )
+    ).state
     assert UserState.from_bytes(state.to_bytes()) == state
