@@ -66,6 +66,7 @@ class RenderRules:
     text_items: int = 1
     cold_items: int = 5
     item: str = "{id} {type}"
+    purchase_item: str = ""  # how a purchase is written; empty: like any item
     item_text: str = "{title} ({category})"
     separator: str = " "
     text_separator: str = "; "
@@ -111,6 +112,7 @@ class Instructions:
             raise ConfigError(f"{where}: unknown [render] key(s) {sorted(unknown)}")
         rules = RenderRules(**render)
         _check(rules.item, _ITEM_FIELDS, f"{where} [render].item")
+        _check(rules.purchase_item, _ITEM_FIELDS, f"{where} [render].purchase_item")
         _check(rules.item_text, _ITEM_FIELDS - {"id", "type"}, f"{where} [render].item_text")
         templates: dict[str, tuple[Template, ...]] = {}
         serve: dict[str, str] = {}
@@ -155,8 +157,9 @@ class Instructions:
             title, category = texts.get(item_id, (item_id, ""))
             return r.item_text.format(title=title, category=category or "unknown")
 
+        purchase = EventType.PURCHASE.value
         parts = [
-            r.item.format(
+            (r.purchase_item if r.purchase_item and h.type == purchase else r.item).format(
                 id=names.get(h.item_id, h.item_id),
                 type=h.type,
                 title=texts.get(h.item_id, (h.item_id, ""))[0],

@@ -257,6 +257,8 @@ def run_increment(
         lr=cfg.lr,
         weight_decay=settings.train.weight_decay,
         warmup=lambda planned: planned // cfg.epochs // 10,
+        label_smoothing=settings.train.label_smoothing,
+        log=log.info,
     )
     losses = fitted.losses
     train_seconds = time.monotonic() - train_started

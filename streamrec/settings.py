@@ -199,6 +199,9 @@ class TrainSettings(_Section):
     finetune_lr: float = Field(default=3e-4, gt=0, description="Peak learning rate for a pretrained base.")
     lora_lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=1, description="Label smoothing of the item softmax (one-token-per-item schemes)."
+    )
     warmup: float = Field(default=0.05, ge=0, lt=1, description="Share of the planned steps spent warming up.")
     patience: int = Field(default=3, ge=1, description="Epochs without a better validation NDCG@10 before stopping.")
     max_minutes: float = Field(

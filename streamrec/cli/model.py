@@ -4,6 +4,7 @@ torch and transformers are imported inside the commands so `streamrec --help` st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -130,13 +131,15 @@ def evaluate(
     if model is None:
         cfg = _train_settings(epochs=epochs, max_minutes=max_minutes, seed=seed)
         target = model_out or out.with_name(out.stem + "-model")
-        rec, _ = run_train(
+        rec, trained = run_train(
             split, dataset.catalog, target, cfg, instructions=_instructions(), device=device, log=typer.echo
         )
         train_seconds = time.monotonic() - started
+        training: dict[str, Any] | None = dataclasses.asdict(trained)
     else:
         rec = Recommender.load(str(model), device, instructions=_instructions(), catalog=dataset.catalog)
         train_seconds = 0.0
+        training = None
         target = model
     # The blend fitted here is saved with a model trained here, never into a --model directory.
     from streamrec.settings import load_settings
@@ -163,6 +166,7 @@ def evaluate(
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.monotonic() - started - train_seconds, 1),
         "model_dir": str(target),
+        "training": training,  # epochs run, best epoch, seed, settings, whether the time cap bound
         "models": models,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

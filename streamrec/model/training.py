@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,14 +28,22 @@ from streamrec.settings import TrainSettings
 
 @dataclass
 class TrainReport:
+    """What a bootstrap run did, with everything needed to run it again: the settings (seed
+    included), the device, and whether the time cap rather than the epoch budget ended it."""
+
     out_dir: str
+    seed: int = 0
+    device: str = ""
     best_val_ndcg10: float = 0.0
     best_epoch: int = 0
     epochs: int = 0
+    planned_epochs: int = 0
     steps: int = 0
     examples_per_epoch: int = 0
     seconds: float = 0.0
     stopped: str = ""
+    capped: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -50,6 +59,7 @@ class Fit:
     best: float = -1.0  # the best validation NDCG@10
     best_epoch: int = 0
     stopped: str = ""
+    capped: bool = False  # the time cap shortened the schedule or ended training
 
 
 def fit(
@@ -66,22 +76,36 @@ def fit(
     patience: int = 1,
     max_minutes: float | None = None,
     started: float | None = None,
+    label_smoothing: float = 0.0,
     progress: bool = False,
+    log_every_s: float = 60.0,
     log: Callable[[str], None] = print,
 ) -> Fit:
     """Train `rec` for at most `epochs` passes. `examples(epoch)` gives each epoch's examples (the
     list is shuffled in place: hand back the same list to reshuffle it); `warmup(planned steps)` is
     the number of warmup steps. With `validate` (NDCG@10 among its metrics), each epoch is scored,
     training stops after `patience` epochs without a better one and the best epoch's weights are
-    kept. `max_minutes` from `started` caps the wall clock: the decay is replanned to fit it."""
+    kept. `max_minutes` from `started` caps the wall clock: when the planned epochs will not fit, the
+    decay is replanned to the steps that do, and the result says the cap bound (`capped`).
+
+    `progress` draws a bar on a terminal; elsewhere (a log file, a pod) the loop writes one line per
+    epoch and one every `log_every_s` seconds within a long epoch."""
     from tqdm.auto import tqdm
 
     started = time.monotonic() if started is None else started
     deadline = None if max_minutes is None else started + max_minutes * 60
     first = examples(1)
     total = max(1, math.ceil(len(first) / batch_size)) * epochs
-    trainer = Trainer(rec, lr=lr, weight_decay=weight_decay, warmup_steps=warmup(total), total_steps=total)
+    trainer = Trainer(
+        rec,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_steps=warmup(total),
+        total_steps=total,
+        label_smoothing=label_smoothing,
+    )
     result = Fit(examples_per_epoch=len(first))
+    bar_on = progress and sys.stderr.isatty()
     best_state: dict[str, Any] | None = None
     waited = 0
 
@@ -92,10 +116,10 @@ def fit(
         labels = rec.target_ids([e.target for e in batch])
         trainer.train_mode(True)
         bar = tqdm(
-            range(0, len(batch), batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False, unit="batch"
+            range(0, len(batch), batch_size), desc=f"epoch {epoch}", disable=not bar_on, leave=False, unit="batch"
         )
         running = 0.0
-        epoch_started = time.monotonic()
+        epoch_started = last_line = time.monotonic()
         for n, b in enumerate(bar):
             loss = trainer.step(inputs[b : b + batch_size], labels[b : b + batch_size])
             result.steps += 1
@@ -108,13 +132,27 @@ def fit(
                 if affordable < total:
                     trainer.total_steps = max(affordable, result.steps + 1)
                     trainer.warmup_steps = max(result.steps, warmup(trainer.total_steps))
+                    result.capped = True
+                    log(
+                        f"time cap: about {affordable:,} of the {total:,} planned steps fit in {max_minutes} "
+                        "minutes; the learning-rate decay is planned for those, and training will stop early"
+                    )
             running = 0.98 * running + 0.02 * loss if n else loss
             bar.set_postfix(loss=f"{running:.3f}")
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if not bar_on and progress and now - last_line >= log_every_s:
+                last_line = now
+                log(f"epoch {epoch}: {n + 1}/{len(bar)} batches, loss {running:.3f} ({now - started:.0f}s)")
+            if deadline is not None and now > deadline:
+                result.capped = True
                 break
         bar.close()
         result.epochs = epoch
         if validate is None:
+            log(f"epoch {epoch}: loss {running:.3f} ({time.monotonic() - started:.0f}s)")
+            if deadline is not None and time.monotonic() > deadline:
+                result.stopped = f"time cap of {max_minutes} minutes reached after epoch {epoch}"
+                break
             continue
 
         # Validation NDCG@10 decides what is kept and when to stop.
@@ -134,7 +172,9 @@ def fit(
             result.stopped = f"no better validation NDCG@10 for {patience} epochs"
             break
         if deadline is not None and time.monotonic() > deadline:
-            result.stopped = f"time budget of {max_minutes} minutes reached"
+            result.capped = True
+            result.stopped = f"time cap of {max_minutes} minutes reached after epoch {epoch} of {epochs}"
+            log(f"stopped by the time cap ({max_minutes} minutes) after epoch {epoch} of {epochs}")
             break
     else:
         result.stopped = f"all {epochs} epochs"
@@ -263,17 +303,23 @@ def train(
         patience=cfg.patience,
         max_minutes=cfg.max_minutes,
         started=started,
+        label_smoothing=cfg.label_smoothing,
         progress=progress,
         log=log,
     )
     report = TrainReport(
         out_dir=str(out),
+        seed=cfg.seed,
+        device=str(rec.device),
         best_val_ndcg10=done.best,
         best_epoch=done.best_epoch,
         epochs=done.epochs,
+        planned_epochs=cfg.epochs,
         steps=done.steps,
         examples_per_epoch=done.examples_per_epoch,
         stopped=done.stopped,
+        capped=done.capped,
+        settings=cfg.model_dump(mode="json"),
         history=done.history,
     )
 
@@ -284,7 +330,8 @@ def train(
         rec.save(out)
     report.seconds = time.monotonic() - started
     log(
-        f"best validation NDCG@10 {done.best:.4f} at epoch {report.best_epoch}; {report.stopped}; "
+        f"best validation NDCG@10 {done.best:.4f} at epoch {report.best_epoch} of {report.epochs} (seed "
+        f"{cfg.seed}); {report.stopped}{' (the time cap bound)' if done.capped else ''}; "
         f"{report.seconds:.0f}s; saved to {out}"
     )
     return rec, report

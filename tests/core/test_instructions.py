@@ -77,6 +77,28 @@ templates = [{id = "c", text = "C {history_text}"}]
     assert ins.serve(HISTORY[:2], "next_click", NAMES, TEXTS) == "B Toy Story/click Heat/purchase (2)"
 
 
+def test_purchases_can_be_written_apart_from_clicks(tmp_path: Path) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        """
+[render]
+item = "{id}"
+purchase_item = "{id} bought"
+[tasks.next_click]
+templates = [{id = "a", text = "A {history}"}]
+[tasks.next_purchase]
+templates = [{id = "p", text = "P {history}"}]
+[tasks.cold_start]
+templates = [{id = "c", text = "C {history_text}"}]
+"""
+    )
+    ins = Instructions.load(path)
+    assert ins.serve(HISTORY, "next_click", NAMES, TEXTS) == "A <item_1> <item_2> bought <item_3>"
+    (tmp_path / "bad.toml").write_text(path.read_text().replace("{id} bought", "{id} {nope}"))
+    with pytest.raises(ConfigError, match="purchase_item"):
+        Instructions.load(tmp_path / "bad.toml")
+
+
 @pytest.mark.parametrize(
     "body",
     [
