@@ -140,6 +140,13 @@ def simulate(
     users: int = typer.Option(200, help="Simulated users."),
     items: int = typer.Option(500, help="Catalog size."),
     seed: int = typer.Option(7, help="Random seed: the same seed gives the same traffic."),
+    follow: float = typer.Option(
+        0.45,
+        min=0.0,
+        max=1.0,
+        help="Chance the next click follows the last item's series: how much a first-order model can know "
+        "(about 0.05 for a sparse e-commerce log such as Amazon Beauty).",
+    ),
     catalog: bool = typer.Option(True, help="Publish the catalog first."),
     out: Path | None = typer.Option(
         None, help="Write a CSV event log (user_id,item_id,timestamp,type) and a catalog .jsonl here instead."
@@ -152,7 +159,7 @@ def simulate(
     from streamrec.lab.simulate import SimConfig, generate_events, make_catalog, write_catalog, write_log
     from streamrec.lab.traffic import send_catalog, send_events
 
-    cfg = SimConfig(users=users, items=items, seed=seed)
+    cfg = SimConfig(users=users, items=items, seed=seed, follow=follow)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         n = write_log(generate_events(cfg, count), out)

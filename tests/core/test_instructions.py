@@ -31,7 +31,9 @@ def test_packaged_templates_cover_every_task() -> None:
 
 def test_serving_renders_behaviour_with_types_and_item_text() -> None:
     text = Instructions.load().serve(HISTORY, "next_click", NAMES, TEXTS)
-    assert "<item_1> click" in text and "<item_2> purchase" in text
+    # A click is the item alone (most events are clicks: a word each would double the history's
+    # tokens); a purchase says so.
+    assert "<item_1> <item_2> purchase <item_3>" in text and "click" not in text.split("History:")[1]
     assert text.index("<item_1>") < text.index("<item_2>") < text.index("<item_3>")  # oldest first
     assert "Alien (unknown)" in text  # the latest item's text; a missing category is said so
     assert "Toy Story" not in text  # only text_items = 1 item is written as text
@@ -46,7 +48,7 @@ def test_cold_start_uses_item_text_only() -> None:
 def test_empty_history_and_unknown_items_still_render() -> None:
     ins = Instructions.load()
     assert "nothing yet" in ins.serve([], "next_click", NAMES, TEXTS)
-    assert "zz9 click" in ins.serve([HistoryItem("zz9")], "next_click", NAMES, TEXTS)
+    assert "History: zz9." in ins.serve([HistoryItem("zz9")], "next_click", NAMES, TEXTS)
 
 
 def test_history_is_cut_to_the_most_recent_items(tmp_path: Path) -> None:
