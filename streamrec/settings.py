@@ -207,7 +207,7 @@ class TrainSettings(_Section):
         default=0.0, ge=0, lt=1, description="Label smoothing of the item softmax (one-token-per-item schemes)."
     )
     warmup: float = Field(default=0.05, ge=0, lt=1, description="Share of the planned steps spent warming up.")
-    patience: int = Field(default=2, ge=1, description="Epochs without a better validation NDCG@10 before stopping.")
+    patience: int = Field(default=3, ge=1, description="Epochs without a better validation NDCG@10 before stopping.")
     max_minutes: float = Field(
         default=26.0,
         gt=0,
