@@ -196,7 +196,7 @@ class TrainSettings(_Section):
 
     seed: int = 0
     epochs: int = Field(
-        default=6, ge=1, description="Passes over all sliding-window examples; the decay is planned for them."
+        default=5, ge=1, description="Passes over all sliding-window examples; the decay is planned for them."
     )
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0, description="Peak AdamW learning rate (tiny from scratch).")

@@ -1,6 +1,8 @@
 """The training loop, top to bottom, one for the bootstrap and the online increment (`fit`): shuffled
-batches of instruction examples, AdamW with warmup and cosine decay, a progress bar, and, when there
-is a validation set, NDCG@10 after each epoch, early stopping on it and the best weights kept. A
+batches of instruction examples, AdamW with warmup and cosine decay planned for an epoch budget (a
+time cap only cuts it short, and says so), a progress bar on a terminal or a log line per epoch
+elsewhere, and, when there is a validation set, NDCG@10 after each epoch, early stopping on it and
+the best weights kept. A
 bootstrap run (`train`) trains the whole model (from scratch for `tiny`) on sliding-window examples
 from every user's history; a LoRA run trains a peft increment on top of an existing model directory
 and saves only the adapter."""
