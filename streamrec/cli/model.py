@@ -64,7 +64,9 @@ def train(
     base: str = typer.Option("tiny", "--base", help="'tiny' (from scratch), a hub id or a model directory."),
     lora: bool = typer.Option(False, "--lora", help="Train a LoRA increment on top of --base (a model directory)."),
     epochs: int | None = typer.Option(None, help="Most passes over the data (default: settings)."),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget."),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Training time cap (the epoch budget decides; default: settings)."
+    ),
     seed: int | None = typer.Option(None, help="Random seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     templates: Path | None = typer.Option(
@@ -109,7 +111,9 @@ def evaluate(
     ),
     blend: bool = typer.Option(True, "--blend/--no-blend", help="Serve T5 blended with item-kNN/Markov signals."),
     epochs: int | None = typer.Option(None, help="Most passes over the data (default: settings)."),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget."),
+    max_minutes: float | None = typer.Option(
+        None, "--max-minutes", help="Training time cap (the epoch budget decides; default: settings)."
+    ),
     seed: int | None = typer.Option(None, help="Random seed."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -190,7 +194,9 @@ def replay(
     model: Path | None = typer.Option(None, "--model", help="A model bootstrapped earlier on the same cut."),
     bootstrap_share: float = typer.Option(0.5, "--bootstrap-share", help="Share of the log (in time) to bootstrap on."),
     windows: int = typer.Option(5, help="Windows the replayed part is scored in (time order)."),
-    train_minutes: float = typer.Option(10.0, "--train-minutes", help="Bootstrap training budget."),
+    train_minutes: float = typer.Option(
+        10.0, "--train-minutes", help="Bootstrap training time cap (the epoch budget decides)."
+    ),
     mode: list[str] = typer.Option(["frozen", "online"], "--mode", help="Runs to make: frozen, online or both."),
     interval_s: float = typer.Option(5.0, "--interval-s", help="Trainer interval (online run)."),
     min_new: int = typer.Option(2500, "--min-new", help="New examples per increment (online run)."),
