@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from streamrec.catalog import Catalog
+from streamrec.datasets import LogEvent
 from streamrec.events import CatalogItem
 
 ITEMS = 30
@@ -17,10 +19,22 @@ def walk(start: int, length: int) -> list[str]:
     return [f"i{(start + t) % ITEMS}" for t in range(length)]
 
 
+def cycle_log(users: int, items: int, length: int, seed: int = 0) -> tuple[Catalog, list[LogEvent]]:
+    """Users walk a fixed route through an `items`-item catalog (item k, then k+1, ...) from random
+    starts: (catalog, events)."""
+    rng = random.Random(seed)
+    catalog = Catalog(CatalogItem(item_id=f"i{k}", title=f"thing {k}", category="stuff") for k in range(items))
+    events = []
+    for u in range(users):
+        start = rng.randrange(items)
+        for t in range(length):
+            events.append(LogEvent(f"u{u}", f"i{(start + t) % items}", float(t), "click", len(events)))
+    return catalog, events
+
+
 def train_walk_model(out: Path) -> Path:
     """A tiny model that knows the pattern, saved like a hub checkpoint (about 20 s on 2 cores)."""
-    from streamrec.catalog import Catalog
-    from streamrec.datasets import LogEvent, leave_one_out
+    from streamrec.datasets import leave_one_out
     from streamrec.model.training import train
     from streamrec.settings import TrainSettings
 

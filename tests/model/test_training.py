@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+from walks import cycle_log
 
 from streamrec.catalog import Catalog
 from streamrec.datasets import LogEvent, Split, leave_one_out
@@ -91,22 +92,10 @@ def test_learns_a_sequential_pattern_the_baselines_cannot(tmp_path: Path) -> Non
     assert all(item in catalog for lst in lists for item in lst)
 
 
-def _cycle_log(users: int, items: int, length: int, seed: int = 0) -> tuple[Catalog, list[LogEvent]]:
-    """Users walk a fixed route through the catalog (item k, then k+1, ...) from random starts."""
-    rng = random.Random(seed)
-    catalog = Catalog(CatalogItem(item_id=f"i{k}", title=f"thing {k}", category="stuff") for k in range(items))
-    events = []
-    for u in range(users):
-        start = rng.randrange(items)
-        for t in range(length):
-            events.append(LogEvent(f"u{u}", f"i{(start + t) % items}", float(t), "click", len(events)))
-    return catalog, events
-
-
 def test_default_scheme_learns_next_item_and_lora_increment_reloads(tmp_path: Path) -> None:
     from streamrec.model.recommender import Recommender
 
-    catalog, events = _cycle_log(users=120, items=40, length=8)
+    catalog, events = cycle_log(users=120, items=40, length=8)
     split = leave_one_out(events)
     cfg = SMALL.model_copy(update={"epochs": 5, "batch_size": 16, "d_model": 32, "d_ff": 64, "num_layers": 1})
     rec, report = train(split, catalog, tmp_path / "base", cfg, device="cpu", progress=False)
@@ -137,7 +126,7 @@ def test_eval_command_writes_report_and_chart(tmp_path: Path) -> None:
     from streamrec.cli import app
     from streamrec.datasets import Dataset, write_recbole
 
-    catalog, events = _cycle_log(users=80, items=30, length=8, seed=1)
+    catalog, events = cycle_log(users=80, items=30, length=8, seed=1)
     write_recbole(Dataset("cycle", events, catalog), tmp_path / "cycle.inter")
     out = tmp_path / "report.json"
     result = CliRunner().invoke(

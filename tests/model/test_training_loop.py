@@ -5,14 +5,12 @@ pooled dropout."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
+from walks import cycle_log
 
-from streamrec.catalog import Catalog
-from streamrec.datasets import LogEvent, leave_one_out
-from streamrec.events import CatalogItem
+from streamrec.datasets import leave_one_out
 from streamrec.settings import TrainSettings
 
 pytestmark = pytest.mark.model
@@ -36,19 +34,8 @@ TINY = TrainSettings(
 )
 
 
-def _cycle(users: int = 60, items: int = 25, length: int = 8) -> tuple[Catalog, list[LogEvent]]:
-    catalog = Catalog([CatalogItem(item_id=f"i{n}", title=f"thing {n}") for n in range(items)])
-    rng = random.Random(3)
-    events = []
-    for u in range(users):
-        start = rng.randrange(items)
-        for t in range(length):
-            events.append(LogEvent(f"u{u}", f"i{(start + t) % items}", float(t), "click", len(events)))
-    return catalog, events
-
-
 def test_epoch_budget_report_and_one_line_per_epoch(tmp_path: Path) -> None:
-    catalog, events = _cycle()
+    catalog, events = cycle_log(users=60, items=25, length=8, seed=3)
     lines: list[str] = []
     cfg = TINY.model_copy(update={"epochs": 3, "patience": 5, "seed": 11, "max_minutes": 30.0})
     _, report = train(leave_one_out(events), catalog, tmp_path / "m", cfg, device="cpu", log=lines.append)
@@ -64,7 +51,7 @@ def test_epoch_budget_report_and_one_line_per_epoch(tmp_path: Path) -> None:
 
 
 def test_time_cap_stops_training_and_says_so(tmp_path: Path) -> None:
-    catalog, events = _cycle()
+    catalog, events = cycle_log(users=60, items=25, length=8, seed=3)
     lines: list[str] = []
     # A cap far below one epoch: training ends after the first epoch, and the report and log say why.
     cfg = TINY.model_copy(update={"epochs": 50, "patience": 50, "max_minutes": 1e-4})
@@ -76,7 +63,7 @@ def test_time_cap_stops_training_and_says_so(tmp_path: Path) -> None:
 
 
 def _model() -> Recommender:
-    catalog, _ = _cycle(items=12)
+    catalog, _ = cycle_log(users=1, items=12, length=1)
     config = TinyConfig(d_model=32, d_ff=64, num_heads=4, text_vocab=200, dropout=0.0)
     return Recommender.build_tiny(catalog, config=config, device="cpu", seed=0)
 
@@ -113,9 +100,8 @@ def test_pooled_dropout_drops_at_its_rate_and_keeps_the_expectation() -> None:
     big = torch.ones(1 << 17)
     assert 0.2 < float((drop.train()(big) == 0).float().mean()) < 0.3
 
-    rec = Recommender.build_tiny(
-        _cycle(items=5)[0], config=TinyConfig(d_model=16, d_ff=32, num_heads=2, text_vocab=150), device="cpu"
-    )
+    small = TinyConfig(d_model=16, d_ff=32, num_heads=2, text_vocab=150)
+    rec = Recommender.build_tiny(cycle_log(users=1, items=5, length=1)[0], config=small, device="cpu")
     before = {k: v.clone() for k, v in rec.model.state_dict().items()}
     assert pool_dropout(rec.model, size=1 << 12) > 0
     assert not any(type(m) is torch.nn.Dropout for m in rec.model.modules())
