@@ -414,7 +414,7 @@ class Recommender:
         with self._lock:
             if not self._single:
                 raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
-            tokens = torch.tensor(list(self._single), device=self.device)
+            tokens = torch.tensor(self.item_token_ids, device=self.device)
             rows: list[npt.NDArray[np.float32]] = []
             start = torch.full((1, 1), self.start_token_id, device=self.device)
             for b in range(0, len(requests), batch_size):
@@ -427,6 +427,11 @@ class Recommender:
                 logp = torch.log_softmax(logits[:, tokens].float(), dim=-1)
                 rows.append(logp.cpu().numpy())
             return np.concatenate(rows) if rows else np.zeros((0, len(tokens)), dtype=np.float32)
+
+    @property
+    def item_token_ids(self) -> list[int]:
+        """Under a one-token-per-item scheme, each item's token, in `single_token_items` order."""
+        return list(self._single)
 
     @property
     def single_token_items(self) -> list[str]:
@@ -549,7 +554,7 @@ class Recommender:
         embedding never learned anything (an item new since the bootstrap)."""
         from peft import LoraConfig, TaskType, get_peft_model
 
-        tokens = sorted(self._single) if train_items and self._single else None
+        tokens = sorted(self.item_token_ids) if train_items and self._single else None
         cfg = LoraConfig(
             task_type=TaskType.SEQ_2_SEQ_LM,
             r=r,
@@ -718,8 +723,8 @@ class Trainer:
         if rec.device.type == "cpu":
             pool_dropout(rec.model)
         self.autocast = rec.autocast
-        # Item-token columns and each item token's column, for the item softmax.
-        tokens = sorted(rec._single) if rec._single else []
+        # The item tokens, in the order `item_log_probs` scores them, and each one's column.
+        tokens = rec.item_token_ids
         self.item_tokens = torch.tensor(tokens, dtype=torch.long, device=rec.device) if tokens else None
         self.column = {t: n for n, t in enumerate(tokens)}
 

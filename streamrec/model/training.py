@@ -152,27 +152,23 @@ def fit(
         result.epochs = epoch
         if validate is None:
             log(f"epoch {epoch}: loss {running:.3f} ({time.monotonic() - started:.0f}s)")
-            if deadline is not None and time.monotonic() > deadline:
-                result.stopped = f"time cap of {max_minutes} minutes reached after epoch {epoch}"
-                break
-            continue
-
-        # Validation NDCG@10 decides what is kept and when to stop.
-        trainer.train_mode(False)
-        metrics = validate()
-        result.history.append({"epoch": epoch, "loss": running, **metrics})
-        log(
-            f"epoch {epoch}: loss {running:.3f}, val HR@10 {metrics['HR@10']:.4f}, "
-            f"NDCG@10 {metrics['NDCG@10']:.4f} ({time.monotonic() - started:.0f}s)"
-        )
-        if metrics["NDCG@10"] > result.best:
-            result.best, waited, result.best_epoch = metrics["NDCG@10"], 0, epoch
-            best_state = rec.snapshot()
         else:
-            waited += 1
-        if waited >= patience:
-            result.stopped = f"no better validation NDCG@10 for {patience} epochs"
-            break
+            # Validation NDCG@10 decides what is kept and when to stop.
+            trainer.train_mode(False)
+            metrics = validate()
+            result.history.append({"epoch": epoch, "loss": running, **metrics})
+            log(
+                f"epoch {epoch}: loss {running:.3f}, val HR@10 {metrics['HR@10']:.4f}, "
+                f"NDCG@10 {metrics['NDCG@10']:.4f} ({time.monotonic() - started:.0f}s)"
+            )
+            if metrics["NDCG@10"] > result.best:
+                result.best, waited, result.best_epoch = metrics["NDCG@10"], 0, epoch
+                best_state = rec.snapshot()
+            else:
+                waited += 1
+            if waited >= patience:
+                result.stopped = f"no better validation NDCG@10 for {patience} epochs"
+                break
         if deadline is not None and time.monotonic() > deadline:
             result.capped = True
             result.stopped = f"time cap of {max_minutes} minutes reached after epoch {epoch} of {epochs}"
