@@ -142,6 +142,15 @@ class ServeSettings(_Section):
         description="Never recommend an item already in the user's history (films, articles); purchases are "
         "always excluded.",
     )
+    cold_start_task: bool = Field(
+        default=True,
+        description="Users with fewer than cold_start_full_at events are asked with the cold_start instruction "
+        "(their items as text), blended with trending; False: the trigger's task, as for everyone.",
+    )
+    purchase_task: Literal["next_click", "next_purchase", "cold_start"] = Field(
+        default="next_purchase",
+        description="The instruction task after a purchase; after any other event: STREAMREC_MODEL__TASK.",
+    )
 
 
 class ModelSettings(_Section):
