@@ -77,7 +77,20 @@ class CatalogItem(_Contract):
 class RecommendedItem(_Contract):
     item_id: Id
     score: float
-    reason: str | None = None
+    reason: str | None = Field(default=None, description="What placed it: model, trending or model+trending.")
+    explanation: str | None = Field(
+        default=None,
+        description="Why, in words: the history item that supports it most, by title (because you clicked "
+        "<title>, or bought when the user bought it), or 'trending now'.",
+    )
+    explained_by: str | None = Field(
+        default=None,
+        description="The signal behind `explanation`: knn (an item-kNN neighbour of the history item), markov (the "
+        "last item's transition), recent (the most recent item, no signal links them) or trending.",
+    )
+    explanation_item_id: Id | None = Field(
+        default=None, description="The history item `explanation` names (None for trending items)."
+    )
 
 
 class ModelVersion(_Contract):
@@ -92,6 +105,12 @@ class Recommendation(_Contract):
     user_id: Id
     items: list[RecommendedItem]
     model: ModelVersion
+    task: str | None = Field(
+        default=None,
+        description="The instruction task the model was asked: next_click, next_purchase or cold_start (None: the "
+        "model was not asked, trending items only).",
+    )
+    template: str | None = Field(default=None, description="The id of the instruction template that served it.")
     trigger_event_id: Id | None = None
     event_ts: datetime | None = None
     generated_at: datetime = Field(default_factory=utcnow)

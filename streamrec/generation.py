@@ -24,7 +24,7 @@ from streamrec.events import (
 )
 from streamrec.instructions import RecRequest
 from streamrec.metrics import ADAPTER_REJECTED, ADAPTER_SWAPS, MODEL_INFO
-from streamrec.model.blend import Blend
+from streamrec.model.blend import Blend, Support, supports
 from streamrec.registry import (
     BLEND,
     WEIGHTS,
@@ -36,7 +36,7 @@ from streamrec.registry import (
     announced_files,
     private_copy,
 )
-from streamrec.serving import model_weight, serve_list
+from streamrec.serving import Served, explain, model_weight, serve_list, serving_task, trigger_type
 from streamrec.settings import ContractSettings, Settings, registry_root
 from streamrec.signing import AdapterBadSignature, AdapterUnsigned, adapter_key, check_signature
 
@@ -72,7 +72,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
                 "no trained tiny model in %s: serving an untrained one (run `streamrec demo` or train)", trained
             )
             tiny = TinyConfig.from_settings(settings.train)
-            rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=cfg.device)
+            rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=cfg.device, dtype=cfg.dtype)
             rec.task, rec.num_beams, rec.batch_size = cfg.task, cfg.num_beams, cfg.batch_size
             return rec
         base, scheme = str(trained), None  # the trained tiny model's own scheme
@@ -86,6 +86,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
         use_blend=cfg.blend,
         num_beams=cfg.num_beams,
         batch_size=cfg.batch_size,
+        dtype=cfg.dtype,
     )
 
 
@@ -218,6 +219,7 @@ class Generator:
         self.recommender: Recommender | None = None
         self.catalog = Catalog([])
         self._catalog_key: tuple[int, int] | None = None
+        self._titles: dict[str, str] = {}  # item id -> title, what explanations name
 
     @property
     def version(self) -> ModelVersion | None:
@@ -230,6 +232,7 @@ class Generator:
             return
         self.catalog = catalog
         self._catalog_key = key
+        self._titles = {item.item_id: item.title for item in catalog}
         if self.recommender is None:
             self.recommender = load_recommender(self.settings, catalog)
             log.info("model loaded: %s", self.recommender.version)
@@ -287,15 +290,31 @@ class Generator:
         k = self.settings.model.top_k
         if serve.inject_delay_s:
             time.sleep(serve.inject_delay_s)
-        requests = [RecRequest.from_events(u.events, exclude_seen=serve.exclude_seen) for u in updates]
+        tasks = [
+            serving_task(
+                len(u.events),
+                trigger_type(u),
+                full_at=serve.cold_start_full_at,
+                cold_start=serve.cold_start_task,
+                purchase_task=serve.purchase_task,
+                default=self.settings.model.task,
+            )
+            for u in updates
+        ]
+        requests = [
+            RecRequest.from_events(u.events, task, exclude_seen=serve.exclude_seen)
+            for u, task in zip(updates, tasks, strict=True)
+        ]
         # The model only sees users it has something to say about; brand-new users get trending.
+        # One batch holds every task: each request carries its own.
         modelled = [n for n, u in enumerate(updates) if model_weight(len(u.events), serve.cold_start_full_at) > 0]
         lists = self.recommender.recommend([requests[n] for n in modelled], k=k) if modelled else []
         model_lists = dict(zip(modelled, lists, strict=True))
         available = set(self.catalog.available_ids)
         version = self.recommender.version
+        instructions, blend = self.recommender.instructions, self.recommender.blend
         out = []
-        for n, (update, request) in enumerate(zip(updates, requests, strict=True)):
+        for n, (update, request, task) in enumerate(zip(updates, requests, tasks, strict=True)):
             served = serve_list(
                 model_lists.get(n, []),
                 trending,
@@ -305,15 +324,30 @@ class Generator:
                 available=available,
                 exclude=request.exclude,
             )
+            history = [h.item_id for h in request.history]
+            support = supports(blend, history, [s.item_id for s in served if s.reason != "trending"])
             out.append(
                 Recommendation(
                     rec_id=uuid.uuid4().hex,
                     user_id=update.user_id,
-                    items=[RecommendedItem(item_id=s.item_id, score=s.score, reason=s.reason) for s in served],
+                    items=[self._item(s, support.get(s.item_id), request) for s in served],
                     model=version,
+                    task=task if n in model_lists else None,
+                    template=instructions.serving_template(task).id if n in model_lists else None,
                     trigger_event_id=update.trigger_event_id,
                     event_ts=update.event_ts,
                     generated_at=utcnow(),
                 )
             )
         return out
+
+    def _item(self, served: Served, support: Support | None, request: RecRequest) -> RecommendedItem:
+        why = explain(served, support, request.history, self._titles)
+        return RecommendedItem(
+            item_id=served.item_id,
+            score=served.score,
+            reason=served.reason,
+            explanation=why.text if why else None,
+            explained_by=why.by if why else None,
+            explanation_item_id=why.item_id if why else None,
+        )

@@ -1,16 +1,27 @@
-"""What a served recommendation list is, given the model's list and trending items. Pure.
+"""What a served recommendation list is, given the model's list and trending items; which task asks
+the model; and why each item is there. Pure.
 
 Rules every list obeys whatever the model did: only available catalog items, never an item the user
-bought, each item once, at most k. Cold start: a user with little history gets trending items,
-blended toward the model's list as the history grows."""
+bought, each item once, at most k. Cold start: a user with little history is asked with the
+cold-start instruction (items as text), blended with trending items, and the model's list counts
+more as the history grows."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from streamrec.catalog import ScoredItem
+from streamrec.events import Event, EventType, HistoryUpdate
+from streamrec.instructions import HistoryItem
+
+if TYPE_CHECKING:
+    from streamrec.model.blend import Support
+
+COLD_START = "cold_start"
+TRENDING_NOW = "trending now"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +75,52 @@ def serve_list(
             reasons.setdefault(item, set()).add(source)
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
     return [Served(item, score, "+".join(sorted(reasons[item]))) for item, score in ranked]
+
+
+def trigger_type(update: HistoryUpdate) -> EventType | None:
+    """The type of the event that triggered `update`: the newest event when the trigger is no longer
+    in the history (a history keeps the newest events by event time, and a late one may be cut)."""
+    found: Event | None = next((e for e in update.events if e.event_id == update.trigger_event_id), None)
+    if found is None and update.events:
+        found = max(update.events, key=lambda e: e.ts)
+    return found.type if found is not None else None
+
+
+def serving_task(
+    history_len: int,
+    trigger: EventType | None,
+    *,
+    full_at: int,
+    cold_start: bool,
+    purchase_task: str,
+    default: str,
+) -> str:
+    """The instruction task one user is asked with: cold start while the trending blend still counts
+    (fewer than `full_at` events, when `cold_start` is on), `purchase_task` after a purchase, else
+    `default`."""
+    if cold_start and model_weight(history_len, full_at) < 1.0:
+        return COLD_START
+    return purchase_task if trigger == EventType.PURCHASE else default
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    text: str
+    by: str  # "knn", "markov" or "recent" (see Support), or "trending"
+    item_id: str | None  # the history item named; None for trending items
+
+
+def explain(
+    served: Served, support: Support | None, history: Sequence[HistoryItem], titles: Mapping[str, str]
+) -> Explanation | None:
+    """Why `served` is in the list, for a person: the history item that supports it ("because you
+    bought ..." when the user bought it, else "because you clicked ..."), "trending now" for an item
+    only trending placed, None when there is nothing to say (no history, no support)."""
+    if served.reason == "trending":
+        return Explanation(TRENDING_NOW, "trending", None)
+    if support is None:
+        return None
+    bought = any(h.item_id == support.item_id and h.type == EventType.PURCHASE.value for h in history)
+    verb = "bought" if bought else "clicked"
+    title = titles.get(support.item_id, support.item_id)
+    return Explanation(f'because you {verb} "{title}"', support.by, support.item_id)

@@ -1,13 +1,15 @@
-"""Business rules and the cold-start blend, and decayed trending counts."""
+"""Business rules and the cold-start blend, the task each user is asked with, and decayed trending counts."""
 
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from streamrec.catalog import ScoredItem
-from streamrec.serving import model_weight, serve_list
+from streamrec.events import Event, EventType, HistoryUpdate
+from streamrec.serving import model_weight, serve_list, serving_task, trigger_type
 from streamrec.trending import Trending, merge_snapshots
 
 AVAILABLE = {f"i{n}" for n in range(10)}
@@ -95,3 +97,38 @@ def test_trending_takes_any_leap_in_event_time() -> None:
 
 def test_merge_adds_partitions() -> None:
     assert merge_snapshots([{"a": 1.0, "b": 2.0}, {"a": 3.0}]) == {"a": 4.0, "b": 2.0}
+
+
+def _update(types: list[str], trigger: int | None = -1) -> HistoryUpdate:
+    t0 = datetime(2024, 6, 1, tzinfo=UTC)
+    events = [
+        Event(event_id=f"e{n}", user_id="u", item_id=f"i{n}", type=kind, ts=t0 + timedelta(seconds=n))
+        for n, kind in enumerate(types)
+    ]
+    trigger_id = events[trigger].event_id if trigger is not None else "cut-from-the-history"
+    return HistoryUpdate(user_id="u", events=events, trigger_event_id=trigger_id, event_ts=t0)
+
+
+def test_the_trigger_type_is_the_trigger_events_or_the_newest() -> None:
+    assert trigger_type(_update(["click", "purchase"])) == EventType.PURCHASE
+    assert trigger_type(_update(["click", "purchase"], trigger=0)) == EventType.CLICK
+    assert trigger_type(_update(["purchase", "click"], trigger=None)) == EventType.CLICK
+
+
+def test_the_task_follows_the_users_state() -> None:
+    def task(history_len: int, trigger: EventType, cold_start: bool = True, full_at: int = 5) -> str:
+        return serving_task(
+            history_len,
+            trigger,
+            full_at=full_at,
+            cold_start=cold_start,
+            purchase_task="next_purchase",
+            default="next_click",
+        )
+
+    # Cold start while the trending blend still counts, whatever the trigger.
+    assert task(1, EventType.CLICK) == task(4, EventType.PURCHASE) == "cold_start"
+    assert task(5, EventType.PURCHASE) == "next_purchase" and task(5, EventType.CLICK) == "next_click"
+    assert task(1, EventType.PURCHASE, cold_start=False) == "next_purchase"
+    assert task(1, EventType.CLICK, full_at=0) == "next_click"  # no cold start at all
+    assert serving_task(9, None, full_at=5, cold_start=True, purchase_task="cold_start", default="x") == "x"
