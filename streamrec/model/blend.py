@@ -340,3 +340,70 @@ def weights_on(
     tcols = [cols.get(t, 0) for t in targets]
     banned = [[cols[i] for i in r.exclude if i in cols] for r in requests]
     return fit_blend_weights(p_model, p_knn, p_markov, tcols, banned)
+
+
+# Per-item attribution (explanations), kept apart from the scoring above.
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass(frozen=True, slots=True)
+class Support:
+    """The history item that supports a recommended item most, and the signal that says so: "knn"
+    (an item-kNN neighbour of it), "markov" (the last item, whose transition scored it) or "recent"
+    (the most recent item, when no signal links the two)."""
+
+    item_id: str
+    by: str
+
+
+def supports(blend: Blend | None, history: Sequence[str], items: Sequence[str]) -> dict[str, Support]:
+    """For each of `items` (recommended for a user with `history`, item ids oldest first), the history
+    item that supports it most, from the blend's signals. Of the two classic parts of the mixture the
+    larger decides: item-kNN names the history item with the largest similarity contribution (after
+    the history decay), Markov the last item. When neither part scores the item (the model alone
+    ranked it), the history item most similar to it names it, else the most recent one (another
+    item than itself when there is one). Empty for an empty history."""
+    if not history:
+        return {}
+    out = {i: Support(next((h for h in reversed(history) if h != i), history[-1]), "recent") for i in items}
+    if blend is None:
+        return out
+    knn, markov = blend.knn, blend.markov
+    hist = [h for h in history if h in knn.index]  # as Blend.signals reads the history
+    cand = [i for i in items if i in knn.index]
+    if not hist or not cand or knn.nbr_idx.size == 0:
+        return out
+    rows = np.array([knn.index[h] for h in hist], dtype=np.int64)
+    cols = np.array([knn.index[i] for i in cand], dtype=np.int64)
+    # sim[r, c]: the similarity of history item r to candidate c (0 outside r's kept neighbours).
+    hits = knn.nbr_idx[rows][:, :, None] == cols[None, None, :]
+    sim = (knn.nbr_sim[rows][:, :, None] * hits).sum(axis=1).astype(np.float64)
+    # The kNN part as ItemKNN._scores computes it: the latest `recent` items, weighted by age.
+    window = len(rows) if knn.recent <= 0 else min(knn.recent, len(rows))
+    weight = np.zeros(len(rows), dtype=np.float64)
+    weight[len(rows) - window :] = np.arange(window, 0, -1, dtype=np.float64) ** -knn.decay
+    contrib = sim * weight[:, None]
+    knn_total = float((knn.nbr_sim[rows].sum(axis=1) * weight).sum())
+    last = int(rows[-1])
+    if last < len(markov.next_idx):
+        nxt = dict(zip(markov.next_idx[last].tolist(), markov.next_cnt[last].tolist(), strict=True))
+    else:
+        nxt = {}
+    markov_total = float(sum(nxt.values()))
+    for c, (item, col) in enumerate(zip(cand, cols.tolist(), strict=True)):
+        # Summed per distinct history item: an item seen twice supports with both occurrences.
+        per_item: dict[str, float] = {}
+        for r, h in enumerate(hist):
+            per_item[h] = per_item.get(h, 0.0) + float(contrib[r, c])
+        best = max(reversed(list(per_item)), key=per_item.__getitem__)  # ties: the most recent
+        p_knn = blend.w_knn * float(contrib[:, c].sum()) / knn_total if knn_total > 0 else 0.0
+        p_markov = blend.w_markov * nxt.get(col, 0.0) / markov_total if markov_total > 0 else 0.0
+        if p_knn > 0 and p_knn >= p_markov and per_item[best] > 0:
+            out[item] = Support(best, "knn")
+        elif p_markov > 0:
+            out[item] = Support(hist[-1], "markov")
+        else:
+            nearest = len(hist) - 1 - int(np.argmax(sim[::-1, c]))  # the most similar, most recent on ties
+            if sim[nearest, c] > 0:
+                out[item] = Support(hist[nearest], "knn")
+    return out
