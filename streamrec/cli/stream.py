@@ -6,12 +6,18 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from streamrec.cli.apps import app, bench_app, schemas_app, worker_app
 from streamrec.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from streamrec.events import Recommendation
 
 console = Console()
 
@@ -251,7 +257,8 @@ def tail(
     from_beginning: bool = typer.Option(False, help="Start at the oldest recommendation instead of the newest."),
     count: int = typer.Option(0, help="Stop after this many (0: until Ctrl-C)."),
 ) -> None:
-    """Print recommendations as they arrive: user, items with titles, and how old the trigger was."""
+    """Print recommendations as they arrive: user, how old the trigger was, the model, task and template
+    that served it, and the items with titles, scores and why each is there."""
     from datetime import UTC, datetime
 
     from streamrec.events import CatalogItem, Recommendation
@@ -274,12 +281,7 @@ def tail(
     try:
         for record in reader:
             rec = Recommendation.model_validate_json(record.value)
-            published = datetime.fromtimestamp(record.timestamp / 1000, UTC)
-            lag = (published - rec.event_ts).total_seconds() if rec.event_ts else None
-            latency = f"{lag * 1000:,.0f} ms" if lag is not None and 0 <= lag < 3600 else "-"
-            items = ", ".join(f"{titles.get(i.item_id, i.item_id)} ({i.score:.2f})" for i in rec.items[:5])
-            adapter = f"+{rec.model.adapter}" if rec.model.adapter else ""
-            console.print(f"[bold]{rec.user_id}[/] [{latency}, {rec.model.base}{adapter}] {items}")
+            console.print(tail_line(rec, titles, datetime.fromtimestamp(record.timestamp / 1000, UTC)))
             seen += 1
             if count and seen >= count:
                 break
@@ -287,3 +289,20 @@ def tail(
         pass
     finally:
         reader.close()
+
+
+def tail_line(rec: Recommendation, titles: dict[str, str], published: datetime) -> str:
+    """One recommendation as `tail` prints it (rich markup): the user, how old the trigger was when it
+    was published, the model, task and template, then the top items with score and explanation."""
+    from rich.markup import escape
+
+    lag = (published - rec.event_ts).total_seconds() if rec.event_ts else None
+    latency = f"{lag * 1000:,.0f} ms" if lag is not None and 0 <= lag < 3600 else "-"
+    items = ", ".join(
+        f"{titles.get(i.item_id, i.item_id)} ({i.score:.2f}{'; ' + i.explanation if i.explanation else ''})"
+        for i in rec.items[:5]
+    )
+    adapter = f"+{rec.model.adapter}" if rec.model.adapter else ""
+    task = f", {rec.task}: {rec.template}" if rec.task else ""
+    # Titles and user ids are data: escaped, so a "[" in one is not read as rich markup.
+    return f"[bold]{escape(rec.user_id)}[/] {escape(f'[{latency}, {rec.model.base}{adapter}{task}]')} {escape(items)}"

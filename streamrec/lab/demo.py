@@ -23,6 +23,7 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -203,12 +204,13 @@ def _view(
     by_adapter = f"[bold]recommendations by adapter[/] {served or '-'}"
     users = Table(title="latest recommendations", expand=True)
     users.add_column("user")
+    users.add_column("task")
     users.add_column("top items (why)")
     for user in followed:
         rec = watch.latest.get(user)
         if rec is not None:
-            top = ", ".join(f"{titles.get(i.item_id, i.item_id)} ({i.reason})" for i in rec.items[:3])
-            users.add_row(user, top)
+            top = ", ".join(f"{titles.get(i.item_id, i.item_id)} ({i.explanation or i.reason})" for i in rec.items[:3])
+            users.add_row(user, rec.task or "trending", escape(top))
     return Group(
         Panel(Group(stats, by_adapter), title="streamrec demo"), users, _online_view(trainer, watch, max_train)
     )
