@@ -1,5 +1,6 @@
 """The inference worker with the ingest worker, a real broker and the real tiny T5 code path:
-every active user gets valid recommendations; bad input and slow generation do not stop it."""
+every active user gets valid recommendations, asked with the task their state calls for and
+explained by items of their history; bad input and slow generation do not stop it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from streamtest import caught_up, send_raw, start_worker
 
 from streamrec.events import CatalogItem, DeadLetter, Recommendation
+from streamrec.instructions import Instructions
 from streamrec.kafka.broker import free_port
 from streamrec.kafka.topics import create_topics, read_topic
 from streamrec.lab.runner import stop_process
@@ -137,6 +139,32 @@ def check_rules(recs: list[Recommendation], items: list[CatalogItem], events: li
     assert bought, "the test must include purchases"
 
 
+def check_tasks_and_explanations(
+    recs: list[Recommendation], items: list[CatalogItem], events: list[dict[str, Any]]
+) -> None:
+    """Each list says which task and template served it, the task the trigger calls for, and every item
+    says why it is there: trending, or an item of the user's history, by its title."""
+    templates = Instructions.load()
+    titles = {i.item_id: i.title for i in items}
+    trigger = {e["event_id"]: e for e in events}
+    for rec in recs:
+        kind = trigger[rec.trigger_event_id or ""]["type"]
+        assert rec.task in {"cold_start", "next_purchase" if kind == "purchase" else "next_click"}, (kind, rec.task)
+        assert rec.template == templates.serving_template(rec.task).id
+        history = {e["item_id"] for e in events if e["user_id"] == rec.user_id}
+        bought = {e["item_id"] for e in events if e["user_id"] == rec.user_id and e["type"] == "purchase"}
+        for item in rec.items:
+            if item.reason == "trending":
+                assert item.explanation == "trending now" and item.explained_by == "trending"
+                continue
+            named = item.explanation_item_id
+            assert named in history, f"{rec.user_id}'s {item.item_id} explained by {named}, not in the history"
+            assert item.explained_by in {"knn", "markov", "recent"}
+            assert item.explanation in {f'because you {verb} "{titles[named]}"' for verb in ("clicked", "bought")}
+            if named not in bought:
+                assert item.explanation == f'because you clicked "{titles[named]}"'
+
+
 def run_pipeline(make_settings: Any, tmp_path: Path, **overrides: Any) -> tuple[Settings, Settings, Any, Any]:
     settings = make_settings(model={"base": "tiny", "top_k": 5}, **overrides)
     create_topics(settings.kafka, settings.topics)
@@ -164,6 +192,23 @@ def test_every_active_user_gets_valid_recommendations_despite_bad_input(make_set
         recs = wait_for_final(settings, {e["user_id"]: e["event_id"] for e in events}, infer)
         check_rules(recs, items, events, k=5)
         assert "model" in reasons_of(recs)
+        check_tasks_and_explanations(recs, items, events)
+        finals = {e["event_id"] for e in events[-30:]}
+        assert {r.task for r in recs if r.trigger_event_id in finals} == {"next_click"}  # 9 events, a click
+        # A purchase that is the user's newest event is answered with the next-purchase task.
+        bought = {
+            "event_id": "last-purchase",
+            "user_id": "user5",
+            "item_id": next(i.item_id for i in items if i.available),
+            "type": "purchase",
+            "ts": (T0 + timedelta(seconds=5_000)).isoformat(),
+        }
+        send_raw(settings, [as_raw(settings, bought)])
+        answered = wait_for_final(settings, {"user5": "last-purchase"}, infer)
+        after = [r for r in answered if r.trigger_event_id == "last-purchase"]
+        assert [(r.task, r.template) for r in after] == [("next_purchase", "purchase-plain")]
+        events.append(bought)
+        check_tasks_and_explanations(after, items, events)
         # A user new once trending snapshots exist gets trending items mixed in. (The traffic's own
         # first events may be answered before the ingest worker's first snapshot arrives: a race,
         # so the check is a newcomer, tried until the inference worker's mirror has caught up.)
@@ -177,7 +222,11 @@ def test_every_active_user_gets_valid_recommendations_despite_bad_input(make_set
             }
             send_raw(settings, [as_raw(settings, cold)])
             answered = wait_for_final(settings, {cold["user_id"]: cold["event_id"]}, infer)
-            if "trending" in reasons_of(r for r in answered if r.user_id == cold["user_id"]):
+            newcomer = [r for r in answered if r.user_id == cold["user_id"]]
+            # One event: the cold-start instruction, from that item's text, mixed with trending.
+            assert [(r.task, r.template) for r in newcomer] == [("cold_start", "cold-plain")]
+            check_tasks_and_explanations(newcomer, items, [*events, cold])
+            if "trending" in reasons_of(newcomer):
                 break
         else:
             pytest.fail("no newcomer got trending items mixed in")
