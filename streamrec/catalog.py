@@ -109,9 +109,11 @@ def identifiers(catalog: Catalog, scheme: SchemeName) -> dict[str, str]:
     return out
 
 
-@dataclass(slots=True)
-class _Node:
-    children: dict[int, _Node] = field(default_factory=dict)
+@dataclass(slots=True, eq=False)
+class TrieNode:
+    """One prefix of the trie; decoding keeps one per live beam, so a step is a dictionary lookup."""
+
+    children: dict[int, TrieNode] = field(default_factory=dict)
     item_id: str | None = None  # set on the node reached by an item's complete sequence
     count: int = 0  # items at or below this node: lets a request prune branches it has excluded
 
@@ -123,7 +125,7 @@ class ItemTrie:
     generation loop may only pick among them, so every finished sequence is a catalog item."""
 
     def __init__(self, sequences: Mapping[str, Sequence[int]]) -> None:
-        self._root = _Node()
+        self._root = TrieNode()
         self._paths: dict[str, tuple[int, ...]] = {}
         self.max_len = 0
         for item_id, seq in sequences.items():
@@ -133,7 +135,7 @@ class ItemTrie:
             node = self._root
             node.count += 1
             for tok in path:
-                node = node.children.setdefault(tok, _Node())
+                node = node.children.setdefault(tok, TrieNode())
                 node.count += 1
             if node.item_id is not None or node.children:
                 raise ModelError(f"items {node.item_id!r} and {item_id!r} share the identifier {path}")
@@ -154,8 +156,8 @@ class ItemTrie:
     def path(self, item_id: str) -> tuple[int, ...]:
         return self._paths[item_id]
 
-    def _node(self, prefix: Sequence[int]) -> _Node | None:
-        node: _Node | None = self._root
+    def _node(self, prefix: Sequence[int]) -> TrieNode | None:
+        node: TrieNode | None = self._root
         for tok in prefix:
             if node is None:
                 return None
@@ -185,6 +187,36 @@ class ItemTrie:
         if not excluded:
             return list(node.children)
         return [t for t, child in node.children.items() if child.count > excluded.get(id(child), 0)]
+
+    @property
+    def root(self) -> TrieNode:
+        return self._root
+
+    @staticmethod
+    def next_tokens(node: TrieNode, excluded: Mapping[int, int] | None = None) -> list[tuple[int, TrieNode]]:
+        """`allowed` from a node already reached: (token, child) pairs that still lead to an item
+        not excluded."""
+        if not excluded:
+            return list(node.children.items())
+        return [(t, child) for t, child in node.children.items() if child.count > excluded.get(id(child), 0)]
+
+    @staticmethod
+    def sole_item(node: TrieNode) -> str | None:
+        """The item below `node` when it is the only one: its remaining tokens are then certain."""
+        if node.count != 1:
+            return None
+        while node.item_id is None:
+            node = next(iter(node.children.values()))
+        return node.item_id
+
+    def nodes(self, item_id: str) -> list[TrieNode]:
+        """The nodes an item's path passes through, the root first and its own last node excluded:
+        the node each of its tokens is chosen at."""
+        node, out = self._root, []
+        for tok in self._paths[item_id]:
+            out.append(node)
+            node = node.children[tok]
+        return out
 
     def item_at(self, prefix: Sequence[int]) -> str | None:
         """The item a complete sequence names, or None while the sequence is unfinished."""

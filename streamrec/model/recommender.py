@@ -22,7 +22,16 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
-from streamrec.catalog import Catalog, ItemTrie, SchemeName, ScoredItem, build_trie, identifiers, item_token
+from streamrec.catalog import (
+    Catalog,
+    ItemTrie,
+    SchemeName,
+    ScoredItem,
+    TrieNode,
+    build_trie,
+    identifiers,
+    item_token,
+)
 from streamrec.errors import ModelError
 from streamrec.events import ModelVersion
 from streamrec.instructions import DEFAULT_TEMPLATES, Instructions, RecRequest, item_texts
@@ -129,6 +138,9 @@ class Recommender:
         # __BATCH_SIZE); None beams: max(k, 4).
         self.num_beams = num_beams
         self.batch_size = batch_size
+        # Multi-token schemes rank a finished identifier by log P / length ** length_penalty
+        # (STREAMREC_MODEL__LENGTH_PENALTY); 0: by log P itself, which lets the search stop early.
+        self.length_penalty = 0.0
         self.adapter_version: str | None = None
         self._lock = threading.RLock()
         self.catalog = Catalog([])
@@ -449,19 +461,25 @@ class Recommender:
     ) -> list[list[ScoredItem]]:
         """Ranked lists (best first, unique, available, never an excluded item) for many users at
         once, `batch_size` users per forward pass and `num_beams` beams under a multi-token scheme
-        (defaults: the model's). Score: the identifier's log-probability under the model, or under
-        the blended mixture when a blend is set (`blend=False` asks for the model alone)."""
+        (defaults: the model's). Score: the identifier's log-probability under the model (divided by
+        its length ** `length_penalty` under a multi-token scheme), or under the blended mixture when
+        a blend is set (`blend=False` asks for the model alone)."""
         batch_size = batch_size or self.batch_size
         beams = num_beams or self.num_beams or max(k, 4)
         with self._lock:
             if len(self.trie) == 0:
                 raise ModelError("no catalog: call set_catalog first")
+            use = self.blend if blend is not False else None
             if self._single:
-                use = self.blend if blend is not False else None
                 return self._recommend_single(requests, k, batch_size, use)
             out: list[list[ScoredItem]] = []
             for b in range(0, len(requests), batch_size):
-                out.extend(self._beam_search(requests[b : b + batch_size], k, beams))
+                chunk = requests[b : b + batch_size]
+                found = self._beam_search(chunk, k, beams)
+                if use is None:
+                    out.extend(self._ranked(f, k) for f in found)
+                else:
+                    out.extend(self._blended(chunk, found, k, use))
             return out
 
     def _recommend_single(
@@ -478,61 +496,231 @@ class Recommender:
             out.append([ScoredItem(items[n], float(row[n])) for n in top])
         return out
 
-    @torch.inference_mode()
-    def _beam_search(self, requests: Sequence[RecRequest], k: int, num_beams: int) -> list[list[ScoredItem]]:
-        """Beam search over the trie: each step extends every live beam only with the tokens the trie
-        allows after it (minus branches holding nothing but excluded items); a beam that reaches an
-        item's end is finished. Stops when no live beam can beat the k-th finished score."""
+    def _ranked(self, found: dict[str, float], k: int) -> list[ScoredItem]:
+        """The k best of a beam search's finished items, by log-probability over length ** penalty."""
+        alpha = self.length_penalty
+        scored = found if alpha == 0 else {i: s / len(self.trie.path(i)) ** alpha for i, s in found.items()}
+        return [ScoredItem(i, s) for i, s in sorted(scored.items(), key=lambda kv: -kv[1])[:k]]
+
+    # Candidates each classic signal adds to the beam's items when blending a multi-token scheme.
+    BLEND_CANDIDATES = 20
+
+    def _blended(
+        self, requests: Sequence[RecRequest], found: Sequence[dict[str, float]], k: int, blend: Blend
+    ) -> list[list[ScoredItem]]:
+        """The blend under a multi-token scheme: the candidates are the beam's items plus each classic
+        signal's top items, the items the beam did not reach scored by teacher forcing in one batched
+        pass. The model's scores are already a distribution over the items (see `_beam_search`)."""
+        items = self.trie_items
+        col = {item: n for n, item in enumerate(items)}
+        cands: list[list[str]] = []
+        signals = []
+        for req, beam in zip(requests, found, strict=True):
+            p_knn, p_markov = blend.signals([h.item_id for h in req.history], items)
+            banned = [col[i] for i in req.exclude if i in col]
+            extra = [items[n] for p in (p_knn, p_markov) for n in top_k(p, banned, self.BLEND_CANDIDATES) if p[n] > 0]
+            cands.append(list(dict.fromkeys([*beam, *extra])))
+            signals.append((p_knn, p_markov))
+        missing = [[i for i in c if i not in beam] for c, beam in zip(cands, found, strict=True)]
+        scored = self.sequence_log_probs(requests, missing)
+        out = []
+        for cand, beam, miss, extra_lp, (p_knn, p_markov) in zip(cands, found, missing, scored, signals, strict=True):
+            lp = dict(beam)
+            lp.update(zip(miss, extra_lp.tolist(), strict=True))
+            at = [col[i] for i in cand]
+            p_model = np.exp(np.array([lp[i] for i in cand], dtype=np.float64))
+            row = np.log(blend.mix(p_model, p_knn[at], p_markov[at]) + 1e-30)
+            top = top_k(row, [], k)
+            out.append([ScoredItem(cand[n], float(row[n])) for n in top])
+        return out
+
+    # ---------------------------------------------------------------- multi-token decoding
+    # An identifier's score is log P(identifier | the output is a catalog item): at each token the
+    # model's next-token distribution renormalised over the tokens the trie allows there, the
+    # multi-token form of what `item_log_probs` is under one-token schemes (normalised over the
+    # items). A node with one child costs nothing, and once one item is left below a prefix its
+    # remaining tokens are certain: the search finishes it there. Both cut most decoder steps, and
+    # only the allowed tokens' logits are computed.
+
+    def _t5(self) -> Any:
+        """The T5 itself, under any peft wrapper (its LoRA layers are inside it)."""
         model = self.model
-        enc_in = self._tokenize([self.instruction(r) for r in requests])
-        encoder_out = model.get_encoder()(**enc_in).last_hidden_state
-        start_id = self.start_token_id
-        excluded = [self.trie.excluded_counts(r.exclude) for r in requests]
-        live: list[list[tuple[tuple[int, ...], float]]] = [[((), 0.0)] for _ in requests]
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _encode(self, requests: Sequence[RecRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self._tokenize([self.instruction(r) for r in requests])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            states = self._t5().get_encoder()(**enc).last_hidden_state
+        return states, enc["attention_mask"]
+
+    def _decode(
+        self, tokens: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, cache: Any = None
+    ) -> tuple[torch.Tensor, Any]:
+        """The decoder's last hidden states (scaled as the LM head reads them) and the cache."""
+        t5 = self._t5()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            out = t5.get_decoder()(
+                input_ids=tokens,
+                encoder_hidden_states=states,
+                encoder_attention_mask=mask,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+        hidden = out.last_hidden_state.float()
+        if getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings):
+            hidden = hidden * (t5.config.d_model**-0.5)
+        return hidden, out.past_key_values
+
+    def _logits(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of `tokens` only (columns, in order) for each row of `hidden`, in fp32."""
+        head = self._t5().get_output_embeddings()
+        if type(head) is torch.nn.Linear and head.bias is None:
+            return hidden @ head.weight[tokens].float().T
+        picked: torch.Tensor = head(hidden.to(head.weight.dtype)).float()[..., tokens]  # a wrapped head
+        return picked
+
+    @torch.inference_mode()
+    def _beam_search(self, requests: Sequence[RecRequest], k: int, num_beams: int) -> list[dict[str, float]]:
+        """Beam search over the trie through the decoder's KV cache: each step feeds every live beam's
+        last token only, scores the tokens the trie allows after it (minus branches holding nothing
+        but excluded items), and keeps each request's `num_beams` best unfinished prefixes. Returns
+        each request's finished items with their log-probabilities. Without a length penalty it
+        stops once no live beam can beat the k-th finished score."""
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+        trie = self.trie
+        encoder_out, enc_mask = self._encode(requests)
+        excluded = [trie.excluded_counts(r.exclude) for r in requests]
         done: list[dict[str, float]] = [{} for _ in requests]
-        for _ in range(self.trie.max_len):
-            flat = [(r, seq, score) for r, beams in enumerate(live) for seq, score in beams]
-            if not flat:
+        # The live beams, flat and grouped by request: request, trie node, summed log-probability.
+        beam_req = list(range(len(requests)))
+        beam_node = [trie.root] * len(requests)
+        beam_score = np.zeros(len(requests))
+        rows = torch.arange(len(requests), device=self.device)  # each beam's encoder row
+        tokens = torch.full((len(requests), 1), self.start_token_id, dtype=torch.long, device=self.device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        prune = self.length_penalty == 0
+        for depth in range(trie.max_len):
+            # From the second step on the cross-attention keys and values come from the cache, so the
+            # encoder states only lend their shape: a broadcast view instead of a copy per beam.
+            states = encoder_out[rows] if depth == 0 else encoder_out[:1].expand(len(beam_req), -1, -1)
+            hidden, cache = self._decode(tokens, states, enc_mask[rows], cache)
+            logp = self._branch_log_probs(hidden[:, -1], beam_node)
+            parent: list[int] = []
+            token: list[int] = []
+            child: list[TrieNode] = []
+            for b, node in enumerate(beam_node):
+                for t, c in trie.next_tokens(node, excluded[beam_req[b]]):
+                    parent.append(b)
+                    token.append(t)
+                    child.append(c)
+            if not parent:
                 break
-            length = max(len(seq) for _, seq, _ in flat)
-            dec = torch.full((len(flat), length + 1), start_id, dtype=torch.long, device=self.device)
-            last = torch.zeros(len(flat), dtype=torch.long, device=self.device)
-            for n, (_, seq, _) in enumerate(flat):
-                if seq:
-                    dec[n, 1 : len(seq) + 1] = torch.tensor(seq, device=self.device)
-                last[n] = len(seq)
-            rows = torch.tensor([r for r, _, _ in flat], device=self.device)
-            logits = model(
-                encoder_outputs=(encoder_out[rows],),
-                attention_mask=enc_in["attention_mask"][rows],
-                decoder_input_ids=dec,
-            ).logits
-            logp = torch.log_softmax(logits[torch.arange(len(flat)), last].float(), dim=-1).cpu()
-            candidates: list[list[tuple[float, tuple[int, ...]]]] = [[] for _ in requests]
-            for n, (r, seq, score) in enumerate(flat):
-                allowed = self.trie.allowed(seq, excluded[r])
-                if not allowed:
-                    continue
-                vals = logp[n, allowed]
-                take = min(num_beams, len(allowed))
-                best = torch.topk(vals, take)
-                for v, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-                    candidates[r].append((score + v, (*seq, allowed[j])))
-            for r, cands in enumerate(candidates):
-                cands.sort(key=lambda c: -c[0])
-                nxt: list[tuple[tuple[int, ...], float]] = []
-                for score, seq in cands:
-                    item = self.trie.item_at(seq)
-                    if item is not None:
-                        if item not in done[r] and item not in requests[r].exclude:
-                            done[r][item] = score
-                    elif len(nxt) < num_beams:
-                        nxt.append((seq, score))
-                kth = sorted(done[r].values(), reverse=True)[k - 1] if len(done[r]) >= k else -np.inf
-                # Log-probabilities only fall as a sequence grows: a live beam below the k-th
-                # finished score can never enter the list.
-                live[r] = [(s, sc) for s, sc in nxt if sc > kth]
-        return [[ScoredItem(i, s) for i, s in sorted(d.items(), key=lambda kv: -kv[1])[:k]] for d in done]
+            score = np.array([logp[b].get(t, 0.0) for b, t in zip(parent, token, strict=True)]) + beam_score[parent]
+            nxt: list[int] = []  # candidates kept as live beams, grouped by request
+            lo = 0
+            while lo < len(parent):
+                r = beam_req[parent[lo]]
+                hi = lo
+                while hi < len(parent) and beam_req[parent[hi]] == r:
+                    hi += 1
+                live = []
+                for n in range(lo, hi):
+                    item = child[n].item_id or trie.sole_item(child[n])
+                    if item is None:
+                        live.append(n)
+                    elif item not in done[r]:
+                        done[r][item] = float(score[n])
+                order = sorted(live, key=lambda n: -score[n])[:num_beams]
+                if prune and len(done[r]) >= k:
+                    # Log-probabilities only fall as a sequence grows: a live beam below the k-th
+                    # finished score can never enter the list.
+                    kth = sorted(done[r].values(), reverse=True)[k - 1]
+                    order = [n for n in order if score[n] > kth]
+                nxt.extend(order)
+                lo = hi
+            if not nxt:
+                break
+            keep = torch.tensor([parent[n] for n in nxt], device=self.device)
+            cache.reorder_cache(keep)
+            rows = rows[keep]
+            tokens = torch.tensor([[token[n]] for n in nxt], dtype=torch.long, device=self.device)
+            beam_req = [beam_req[parent[n]] for n in nxt]
+            beam_node = [child[n] for n in nxt]
+            beam_score = score[nxt]
+        return done
+
+    def _branch_log_probs(self, hidden: torch.Tensor, nodes: Sequence[TrieNode]) -> list[dict[int, float]]:
+        """For each row's trie node, the log-probability of each of its children's tokens, the
+        model's logits renormalised over those children; a node with one child needs no logits."""
+        out: list[dict[int, float]] = [{} for _ in nodes]
+        branch = [n for n, node in enumerate(nodes) if len(node.children) > 1]
+        if not branch:
+            return out
+        kids = [list(nodes[n].children) for n in branch]
+        union = sorted({t for ks in kids for t in ks})
+        col = {t: c for c, t in enumerate(union)}
+        width = max(len(ks) for ks in kids)
+        index = torch.zeros((len(branch), width), dtype=torch.long)
+        valid = torch.zeros((len(branch), width), dtype=torch.bool)
+        for m, ks in enumerate(kids):
+            index[m, : len(ks)] = torch.tensor([col[t] for t in ks])
+            valid[m, : len(ks)] = True
+        rows = torch.tensor(branch, device=self.device)
+        logits = self._logits(hidden[rows], torch.tensor(union, device=self.device))
+        picked = logits.gather(1, index.to(self.device)).masked_fill(~valid.to(self.device), -torch.inf)
+        values = torch.log_softmax(picked, dim=-1).cpu().numpy()
+        for m, (n, ks) in enumerate(zip(branch, kids, strict=True)):
+            out[n] = dict(zip(ks, values[m, : len(ks)].tolist(), strict=True))
+        return out
+
+    @torch.inference_mode()
+    def sequence_log_probs(
+        self, requests: Sequence[RecRequest], items: Sequence[Sequence[str]], batch_size: int | None = None
+    ) -> list[npt.NDArray[np.float64]]:
+        """The score `_beam_search` gives each request's `items` (trie items), by teacher forcing:
+        every item's whole token sequence scored in batched decoder passes. What an exhaustive
+        search ranks by, and what the blend scores the candidates the beam did not reach with."""
+        batch_size = batch_size or self.batch_size
+        out: list[npt.NDArray[np.float64]] = []
+        trie = self.trie
+        with self._lock:
+            for b in range(0, len(requests), batch_size):
+                chunk, chunk_items = requests[b : b + batch_size], items[b : b + batch_size]
+                pairs = [(r, i) for r, its in enumerate(chunk_items) for i in its]
+                scores = np.zeros(len(pairs))
+                if pairs:
+                    encoder_out, enc_mask = self._encode(chunk)
+                    # A pair's tokens up to where its item is the only one left: the rest are certain.
+                    paths = []
+                    for _, item in pairs:
+                        nodes = trie.nodes(item)
+                        cut = next((n for n, node in enumerate(nodes) if node.count == 1), len(nodes))
+                        paths.append((trie.path(item)[:cut], nodes[:cut]))
+                    per = 256
+                    for p0 in range(0, len(pairs), per):
+                        part = range(p0, min(p0 + per, len(pairs)))
+                        width = max(1, max(len(paths[p][0]) for p in part))
+                        rows = torch.tensor([pairs[p][0] for p in part], device=self.device)
+                        dec = torch.full((len(part), width), self.start_token_id, dtype=torch.long)
+                        for m, p in enumerate(part):
+                            seq = paths[p][0]
+                            if len(seq) > 1:
+                                dec[m, 1 : len(seq)] = torch.tensor(seq[:-1])
+                        hidden, _ = self._decode(dec.to(self.device), encoder_out[rows], enc_mask[rows])
+                        flat = [(m, t) for m, p in enumerate(part) for t in range(len(paths[p][0]))]
+                        if not flat:
+                            continue
+                        where = torch.tensor(flat)
+                        nodes = [paths[p0 + m][1][t] for m, t in flat]
+                        logp = self._branch_log_probs(hidden[where[:, 0], where[:, 1]], nodes)
+                        for (m, t), lp in zip(flat, logp, strict=True):
+                            scores[p0 + m] += lp.get(paths[p0 + m][0][t], 0.0)
+                at = 0
+                for its in chunk_items:
+                    out.append(scores[at : at + len(its)])
+                    at += len(its)
+        return out
 
     # ---------------------------------------------------------------- training helpers
 
