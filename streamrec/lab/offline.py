@@ -100,7 +100,7 @@ def compare(
 
     t5 = _score(rec.recommend(test, k=10, blend=False), users, targets, n)
     log(f"streamrec-t5: {t5}")
-    if blend and rec.single_token_items:
+    if blend:
         blend_knn = knn
         if blend_window > 0 or blend_decay > 0:
             blend_knn = ItemKNN(knn.neighbours, knn.recent, blend_window, blend_decay)

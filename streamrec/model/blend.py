@@ -325,8 +325,7 @@ def blend_weights(
 ) -> tuple[float, float, float]:
     """(w_knn, w_markov, NDCG@10) of `blend`'s signals mixed with `rec`'s model (as it is now, without
     a blend) on `requests`, whose next items are `targets`: see `fit_blend_weights`."""
-    p_model = np.exp(rec.item_log_probs(requests))
-    return weights_on(p_model, blend, rec.single_token_items, requests, targets)
+    return weights_on(rec.item_probs(requests, blend), blend, rec.trie_items, requests, targets)
 
 
 def weights_on(

@@ -505,12 +505,14 @@ class Recommender:
     # Candidates each classic signal adds to the beam's items when blending a multi-token scheme.
     BLEND_CANDIDATES = 20
 
-    def _blended(
-        self, requests: Sequence[RecRequest], found: Sequence[dict[str, float]], k: int, blend: Blend
-    ) -> list[list[ScoredItem]]:
-        """The blend under a multi-token scheme: the candidates are the beam's items plus each classic
-        signal's top items, the items the beam did not reach scored by teacher forcing in one batched
-        pass. The model's scores are already a distribution over the items (see `_beam_search`)."""
+    def _candidates(
+        self, requests: Sequence[RecRequest], found: Sequence[dict[str, float]], blend: Blend
+    ) -> list[tuple[list[int], npt.NDArray[np.float64], npt.NDArray[np.float32], npt.NDArray[np.float32]]]:
+        """Per request under a multi-token scheme: the candidates (columns of `trie_items`) the blend
+        ranks, the beam's items plus each classic signal's top items, with the model's log-probability
+        of each (those the beam did not reach scored by teacher forcing, in one batched pass) and the
+        signals (P_knn, P_markov) over every trie item. The model's scores are already a
+        distribution over the items (see `_beam_search`), so they mix as they are."""
         items = self.trie_items
         col = {item: n for n, item in enumerate(items)}
         cands: list[list[str]] = []
@@ -527,12 +529,41 @@ class Recommender:
         for cand, beam, miss, extra_lp, (p_knn, p_markov) in zip(cands, found, missing, scored, signals, strict=True):
             lp = dict(beam)
             lp.update(zip(miss, extra_lp.tolist(), strict=True))
-            at = [col[i] for i in cand]
-            p_model = np.exp(np.array([lp[i] for i in cand], dtype=np.float64))
-            row = np.log(blend.mix(p_model, p_knn[at], p_markov[at]) + 1e-30)
-            top = top_k(row, [], k)
-            out.append([ScoredItem(cand[n], float(row[n])) for n in top])
+            out.append(([col[i] for i in cand], np.array([lp[i] for i in cand], dtype=np.float64), p_knn, p_markov))
         return out
+
+    def _blended(
+        self, requests: Sequence[RecRequest], found: Sequence[dict[str, float]], k: int, blend: Blend
+    ) -> list[list[ScoredItem]]:
+        """The blend under a multi-token scheme, over `_candidates`."""
+        items = self.trie_items
+        out = []
+        for at, logp, p_knn, p_markov in self._candidates(requests, found, blend):
+            row = np.log(blend.mix(np.exp(logp), p_knn[at], p_markov[at]) + 1e-30)
+            top = top_k(row, [], k)
+            out.append([ScoredItem(items[at[n]], float(row[n])) for n in top])
+        return out
+
+    def item_probs(self, requests: Sequence[RecRequest], blend: Blend | None = None) -> npt.NDArray[np.float32]:
+        """P(item | instruction) under the model alone, one row per request and a column per
+        `trie_items` item: for choosing the blend's weights. Under a multi-token scheme only the
+        items `blend` would rank are scored (the beam's and the signals' top items), the others 0."""
+        with self._lock:
+            if self._single:
+                return np.exp(self.item_log_probs(requests))
+            out = np.zeros((len(requests), len(self.trie)), dtype=np.float32)
+            beams = self.num_beams or 10
+            for b in range(0, len(requests), self.batch_size):
+                chunk = requests[b : b + self.batch_size]
+                found = self._beam_search(chunk, 10, beams)
+                if blend is None:
+                    col = {item: n for n, item in enumerate(self.trie_items)}
+                    for r, f in enumerate(found):
+                        out[b + r, [col[i] for i in f]] = np.exp(list(f.values()))
+                    continue
+                for r, (at, logp, _, _) in enumerate(self._candidates(chunk, found, blend)):
+                    out[b + r, at] = np.exp(logp)
+            return out
 
     # ---------------------------------------------------------------- multi-token decoding
     # An identifier's score is log P(identifier | the output is a catalog item): at each token the

@@ -48,6 +48,9 @@ def _events(users: int, seed: int) -> list[LogEvent]:
     return events
 
 
+SPLIT = leave_one_out(_events(120, seed=3))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recommender, list[RecRequest]]:
     """A tiny title-scheme model trained on the walks (a few seconds), and held-out requests."""
@@ -55,7 +58,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recommender, list
     from streamrec.model.training import train
     from streamrec.settings import TrainSettings
 
-    split = leave_one_out(_events(120, seed=3))
+    split = SPLIT
     cfg = TrainSettings(
         epochs=3, batch_size=16, lr=3e-3, d_model=32, d_ff=64, num_layers=1, num_heads=4, text_vocab=300,
         warmup=0.1, dropout=0.0, cold_start_share=0.0, eval_users=60,
@@ -154,5 +157,24 @@ def test_the_blend_is_served_under_the_title_scheme(
             for s, m, a, b in zip(lst, lp, p_knn[at], p_markov[at], strict=True):
                 assert s.score == pytest.approx(math.log(0.4 * math.exp(m) + 0.2 * a + 0.4 * b), abs=1e-4)
             assert not {s.item_id for s in lst} & req.exclude
+    finally:
+        rec.set_blend(None)
+
+
+def test_the_offline_report_gives_served_and_t5_alone_under_the_title_scheme(
+    trained: tuple[Recommender, list[RecRequest]], tmp_path: Path
+) -> None:
+    from streamrec.lab.offline import compare
+
+    rec, _ = trained
+    try:
+        report = compare(rec, SPLIT, CATALOG, save_blend=tmp_path, log=lambda _: None)
+        assert {"streamrec", "streamrec-t5", "itemknn", "markov", "popularity"} <= set(report)
+        blend = report["streamrec"]["blend"]
+        assert blend["t5"] == pytest.approx(1 - blend["itemknn"] - blend["markov"], abs=1e-3)
+        assert (tmp_path / "blend.npz").is_file() and rec.blend is not None
+        # The weights were chosen on validation: the served list is at least as good there as the
+        # model alone is on test, up to the split's noise (60 items, 120 users).
+        assert report["streamrec"]["NDCG@10"] >= report["streamrec-t5"]["NDCG@10"] - 0.05
     finally:
         rec.set_blend(None)
