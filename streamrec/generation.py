@@ -58,7 +58,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
     """The configured model over `catalog`: a hub id or directory, or `tiny` (the trained tiny
     model under the data dir when there is one, else an untrained one built for this catalog, sized
     by the training settings). The templates file, when set, replaces the model directory's copy;
-    beams and batch size become the model's defaults."""
+    beams, length penalty and batch size become the model's defaults."""
     from streamrec.instructions import Instructions
     from streamrec.model.recommender import Recommender, TinyConfig
 
@@ -74,9 +74,10 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
             tiny = TinyConfig.from_settings(settings.train)
             rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=cfg.device, dtype=cfg.dtype)
             rec.task, rec.num_beams, rec.batch_size = cfg.task, cfg.num_beams, cfg.batch_size
+            rec.length_penalty = cfg.length_penalty
             return rec
         base, scheme = str(trained), None  # the trained tiny model's own scheme
-    return Recommender.load(
+    rec = Recommender.load(
         base,
         cfg.device,
         scheme=scheme,
@@ -88,6 +89,8 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
         batch_size=cfg.batch_size,
         dtype=cfg.dtype,
     )
+    rec.length_penalty = cfg.length_penalty
+    return rec
 
 
 ADAPTER_WEIGHTS = WEIGHTS

@@ -173,6 +173,12 @@ class ModelSettings(_Section):
     )
     top_k: int = Field(default=10, ge=1, description="Items per recommendation.")
     num_beams: int = Field(default=10, ge=1, description="Beams for multi-token identifiers (title scheme).")
+    length_penalty: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Multi-token identifiers are ranked by log P / length ** length_penalty; 0 ranks by log P, "
+        "which is already a distribution over the catalog and lets the search stop early.",
+    )
     batch_size: int = Field(default=64, ge=1, description="Users per forward pass.")
     blend: bool = Field(
         default=True,

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from streamrec.catalog import Catalog
@@ -98,6 +99,19 @@ def test_the_num_beams_setting_is_the_beam_count_of_the_title_scheme(tiny: Path,
     wide = load_recommender(settings(tmp_path, str(tiny), scheme="title", num_beams=40), CATALOG)
     assert _lists(wide) == _lists(plain, num_beams=40)
     assert _lists(wide, num_beams=1) == _lists(narrow)  # asked for in the call, the call wins
+
+
+def test_the_length_penalty_setting_reaches_the_title_ranking(tiny: Path, tmp_path: Path) -> None:
+    plain = Recommender.load(str(tiny), "cpu", scheme="title")
+    assert plain.length_penalty == 0.0
+    rec = load_recommender(settings(tmp_path, str(tiny), scheme="title", length_penalty=2.0), CATALOG)
+    assert rec.length_penalty == 2.0
+    plain.length_penalty = 2.0
+    assert _lists(rec) == _lists(plain)
+    lengths = [len(rec.trie.path(s.item_id)) for s in rec.recommend(REQUESTS[:1], k=5)[0]]
+    scores = [s.score for s in rec.recommend(REQUESTS[:1], k=5)[0]]
+    forced = rec.sequence_log_probs(REQUESTS[:1], [[s.item_id for s in rec.recommend(REQUESTS[:1], k=5)[0]]])[0]
+    assert scores == pytest.approx((forced / np.array(lengths) ** 2.0).tolist(), abs=1e-4)
 
 
 def _encoder_passes(rec: Recommender, run: Any) -> int:
