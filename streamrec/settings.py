@@ -159,6 +159,12 @@ class ModelSettings(_Section):
         description="Hub id, a directory written by `streamrec train`, or 'tiny'.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="What the model computes in: served weights are cast to it; training keeps fp32 weights and "
+        "runs under autocast to it on CUDA. auto: bfloat16 on a CUDA device that supports it, else float32 (on "
+        "most CPUs bf16 matmuls are slower than fp32). No float16: T5's activations overflow it.",
+    )
     scheme: Literal["item_token", "title"] | None = Field(
         default=None,
         description="Item identifiers: one token per item, or the title. None: what the model directory says "

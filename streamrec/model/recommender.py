@@ -15,12 +15,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import numpy.typing as npt
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils import logging as hf_logging
+from transformers.utils.hub import cached_file, get_checkpoint_shard_files
 
 from streamrec.catalog import (
     Catalog,
@@ -82,6 +85,71 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """What a model computes in (STREAMREC_MODEL__DTYPE): `auto` is bf16 on a CUDA device that has
+    it and fp32 elsewhere, since bf16 matmuls are slower than fp32 on most CPUs."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype must be auto, {' or '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the spelling of the setting, for reports and logs."""
+    return str(dtype).removeprefix("torch.")
+
+
+# What transformers and huggingface_hub raise when a checkpoint cannot be had: OSError (missing
+# files, the hub's own errors, offline without a cached copy), ValueError (a malformed id or config),
+# and, with the hub unreachable, httpx's errors or the RuntimeError of its closed client.
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, httpx.HTTPError)
+
+
+def load_error(path_or_id: str, exc: BaseException) -> ModelError:
+    """The ModelError for a checkpoint that did not load, naming what fixes it."""
+    cause = f"{type(exc).__name__}: {exc}"
+    if Path(path_or_id).is_dir():
+        return ModelError(
+            f"cannot load the model directory {path_or_id!r}: {cause}. It needs config.json, safetensors weights "
+            "and the tokenizer files, as `streamrec train` or save_pretrained write them."
+        )
+    return ModelError(
+        f"cannot load model {path_or_id!r}: it is not a local directory, and neither the Hugging Face cache nor the "
+        f"hub provided it ({cause}). Fixes: (1) set STREAMREC_MODEL__BASE to a local model directory (one "
+        "written by `streamrec train`, or a checkpoint saved with save_pretrained; safetensors weights); (2) put "
+        f"the model in the Hugging Face cache (HF_HOME, default ~/.cache/huggingface), e.g. `hf download "
+        f"{path_or_id}` on a machine that reaches the hub, or let this one reach it (network, HTTPS_PROXY, "
+        "HF_ENDPOINT); (3) with the model cached, set HF_HUB_OFFLINE=1 so it is read from the cache without "
+        "asking the hub."
+    )
+
+
+def check_loadable(path_or_id: str) -> None:
+    """Raise the ModelError `Recommender.load` would, without building the model: the config, the
+    tokenizer and the safetensors weights of a directory, of a hub id (downloaded into the Hugging
+    Face cache now, where `load` finds them later) or of a LoRA directory's base. Workers call it at
+    start, so a base that cannot be loaded stops them before they join a consumer group."""
+    path = Path(path_or_id)
+    if (path / "adapter_config.json").is_file():
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        check_loadable(str(base))
+        return
+    try:
+        T5Config.from_pretrained(path_or_id)
+        AutoTokenizer.from_pretrained(path_or_id)
+        if cached_file(path_or_id, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False) is None:
+            index = cached_file(path_or_id, SAFE_WEIGHTS_INDEX_NAME)  # sharded weights; raises when missing too
+            if index is None:
+                raise OSError(f"no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
+            get_checkpoint_shard_files(path_or_id, index)  # type: ignore[no-untyped-call]
+    except LOAD_ERRORS as exc:
+        raise load_error(path_or_id, exc) from exc
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int, item_tokens: Sequence[str]) -> PreTrainedTokenizerFast:
     """A T5-shaped tokenizer (<pad>=0, </s>=1, <unk>=2, EOS appended) trained with `tokenizers` on
     the given text, plus one added token per item."""
@@ -121,13 +189,18 @@ class Recommender:
         max_input_tokens: int = 512,
         num_beams: int | None = None,
         batch_size: int = 64,
+        dtype: str = "auto",
+        train: bool = False,
     ) -> None:
-        self.model = model.to(device).eval()
+        # Served weights are cast to the compute dtype; a model about to train keeps fp32 weights
+        # (AdamW's updates vanish in bf16's 8-bit mantissa) and computes under autocast instead.
+        self.dtype = resolve_dtype(dtype, device)
+        self.model = model.to(device=device, dtype=torch.float32 if train else self.dtype).eval()
         self.tokenizer = tokenizer
         # Over-long instructions lose their oldest history items, never the newest or the question.
         self.tokenizer.truncation_side = "left"
-        # bf16 autocast on a GPU that has it; the CPU stays in fp32.
-        self.autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # bf16 autocast on CUDA when that is the compute dtype; the CPU never autocasts.
+        self.autocast = device.type == "cuda" and self.dtype == torch.bfloat16
         self.scheme: SchemeName = scheme
         self.instructions = instructions
         self.device = device
@@ -165,9 +238,12 @@ class Recommender:
         device: str = "auto",
         seed: int = 0,
         scheme: SchemeName = "item_token",
+        dtype: str = "auto",
+        train: bool = False,
     ) -> Recommender:
         """A small T5 from a config with a tokenizer trained here on the catalog text (and `corpus`,
-        e.g. rendered instructions); under the `item_token` scheme, one token per catalog item."""
+        e.g. rendered instructions); under the `item_token` scheme, one token per catalog item.
+        `dtype` and `train`: as for `load`."""
         instructions = instructions or Instructions.load()
         texts = [f"{i.title} {i.category or ''} {i.description or ''}" for i in catalog]
         template_words = [t.text for ts in instructions.templates.values() for t in ts]
@@ -204,6 +280,8 @@ class Recommender:
             device=resolve_device(device),
             base="tiny",
             max_input_tokens=config.max_input_tokens,
+            dtype=dtype,
+            train=train,
         )
         rec.set_catalog(catalog)
         return rec
@@ -221,13 +299,17 @@ class Recommender:
         use_blend: bool = True,
         num_beams: int | None = None,
         batch_size: int = 64,
+        dtype: str = "auto",
+        train: bool = False,
     ) -> Recommender:
         """A checkpoint by hub id or directory (safetensors weights only). A directory written by
         `save` brings its scheme, templates and catalog (`instructions` overrides its templates);
         a plain hub checkpoint uses the `title` scheme unless told otherwise; a `blend.npz` beside
         the weights is used when `use_blend`. `num_beams` and `batch_size` become the defaults of
         `recommend` and `item_log_probs`. An `adapter_config.json` in the directory is a LoRA
-        increment: its base model is loaded first and the adapter put on top."""
+        increment: its base model is loaded first and the adapter put on top. `dtype`: what the
+        model computes in (see `resolve_dtype`); the weights are cast to it, unless `train` (fp32
+        weights, autocast on CUDA). A checkpoint that cannot be had raises ModelError naming the fixes."""
         path = Path(path_or_id)
         if (path / "adapter_config.json").is_file():
             cfg = json.loads((path / "adapter_config.json").read_text())
@@ -239,6 +321,8 @@ class Recommender:
                 task=task,
                 num_beams=num_beams,
                 batch_size=batch_size,
+                dtype=dtype,
+                train=train,
             )
             if catalog is not None:
                 rec.set_catalog(catalog)
@@ -254,8 +338,8 @@ class Recommender:
         try:
             model = T5ForConditionalGeneration.from_pretrained(path_or_id, use_safetensors=True)
             tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load model {path_or_id!r} (safetensors weights only): {exc}") from exc
+        except LOAD_ERRORS as exc:
+            raise load_error(path_or_id, exc) from exc
         rec = cls(
             model,
             tokenizer,
@@ -267,6 +351,8 @@ class Recommender:
             max_input_tokens=int(meta.get("max_input_tokens", 512)),
             num_beams=num_beams,
             batch_size=batch_size,
+            dtype=dtype,
+            train=train,
         )
         if catalog is None and (path / "catalog.jsonl").is_file():
             from streamrec.events import CatalogItem
@@ -920,7 +1006,8 @@ class Trainer:
 
     Under a one-token-per-item scheme the loss is a full softmax over the item tokens at the first
     decoding step (what ranking reads), with `label_smoothing`; otherwise it is the token-level loss
-    over the identifier. On CUDA the forward pass runs under bf16 autocast where the GPU has it."""
+    over the identifier. The weights train in fp32; on CUDA the forward pass runs under bf16 autocast
+    when that is the model's dtype (STREAMREC_MODEL__DTYPE)."""
 
     def __init__(
         self,
@@ -933,6 +1020,10 @@ class Trainer:
         label_smoothing: float = 0.0,
     ) -> None:
         self.rec = rec
+        if any(p.dtype != torch.float32 for p in rec.model.parameters()):
+            # A model loaded for serving (the online increment's): fp32 master weights for AdamW,
+            # while autocast keeps computing in the served dtype on CUDA.
+            rec.model.float()
         self.params = [p for p in rec.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.label_smoothing = label_smoothing

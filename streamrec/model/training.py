@@ -23,7 +23,7 @@ import numpy as np
 from streamrec.catalog import Catalog, SchemeName
 from streamrec.datasets import Split
 from streamrec.instructions import Instructions, RecRequest, TrainingPair, training_pairs
-from streamrec.model.recommender import Recommender, TinyConfig, Trainer, seed_everything
+from streamrec.model.recommender import Recommender, TinyConfig, Trainer, dtype_name, seed_everything
 from streamrec.ranking import rank_metrics
 from streamrec.settings import TrainSettings
 
@@ -36,6 +36,8 @@ class TrainReport:
     out_dir: str
     seed: int = 0
     device: str = ""
+    dtype: str = ""  # what the model computed in (its weights trained in fp32)
+    scheme: str = ""
     best_val_ndcg10: float = 0.0
     best_epoch: int = 0
     epochs: int = 0
@@ -237,13 +239,17 @@ def train(
     base: str = "tiny",
     lora: bool = False,
     instructions: Instructions | None = None,
-    scheme: SchemeName = "item_token",
+    scheme: SchemeName | None = None,
     device: str = "auto",
+    dtype: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[Recommender, TrainReport]:
     """Train on `split.train`, early-stop on `split.valid`, save the best model (or adapter) to
-    `out_dir` and return it ready to recommend."""
+    `out_dir` and return it ready to recommend. `scheme`: the item identifiers (None: `item_token`
+    for tiny, else what the base directory says, `title` for a plain hub checkpoint); a LoRA
+    increment always keeps its base's. `dtype`: what the model computes in (STREAMREC_MODEL__DTYPE;
+    autocast on CUDA, the weights stay fp32)."""
     started = time.monotonic()
     seed_everything(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -253,12 +259,29 @@ def train(
     if base == "tiny" and not lora:
         instructions = instructions or Instructions.load()
         tiny = TinyConfig.from_settings(cfg)
-        rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=device, seed=cfg.seed, scheme=scheme)
+        rec = Recommender.build_tiny(
+            catalog,
+            instructions,
+            config=tiny,
+            device=device,
+            seed=cfg.seed,
+            scheme=scheme or "item_token",
+            dtype=dtype,
+            train=True,
+        )
         lr = cfg.lr
     else:
         # An absolute path: a LoRA adapter records its base's path and must load from anywhere.
         where = str(Path(base).resolve()) if Path(base).is_dir() else base
-        rec = Recommender.load(where, device, instructions=instructions, catalog=catalog)
+        rec = Recommender.load(
+            where,
+            device,
+            scheme=None if lora else scheme,
+            instructions=instructions,
+            catalog=catalog,
+            dtype=dtype,
+            train=True,
+        )
         lr = cfg.lora_lr if lora else cfg.finetune_lr
     if base == "tiny" and not lora and rec.scheme == "item_token":
         ids = rec.trie_items
@@ -267,7 +290,7 @@ def train(
         rec.add_lora(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     log(
         f"model: {base}{' + LoRA' if lora else ''}, scheme {rec.scheme}, {rec.trainable_parameters:,} trainable "
-        f"parameters, {len(catalog):,} items, device {rec.device}"
+        f"parameters, {len(catalog):,} items, device {rec.device}, {dtype_name(rec.dtype)}"
     )
 
     # 2. Validation users: a fixed sample, so epochs are compared on the same people.
@@ -309,6 +332,8 @@ def train(
         out_dir=str(out),
         seed=cfg.seed,
         device=str(rec.device),
+        dtype=dtype_name(rec.dtype),
+        scheme=rec.scheme,
         best_val_ndcg10=done.best,
         best_epoch=done.best_epoch,
         epochs=done.epochs,
