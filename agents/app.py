@@ -4,6 +4,7 @@ expects every member of a group to run the same agents. Imports no agent: agents
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from streamrec.kafka.mirror import TopicMirror
 from streamrec.settings import Settings
 
 ROLES = {"ingest": "", "infer": "-infer", "train": "-train"}
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,8 +173,37 @@ def ingest_streams(settings: Settings) -> IngestStreams:
     )
 
 
+def check_model(settings: Settings) -> str:
+    """Raise ModelError, naming the fixes, when the configured base model cannot be loaded (a hub
+    id the hub does not serve here, a directory without weights): at start, before the worker joins
+    its consumer group, not on the first catalog message. Returns what the model runs on."""
+    from streamrec.generation import TINY, tiny_dir
+    from streamrec.model.recommender import check_loadable, dtype_name, resolve_device, resolve_dtype
+
+    cfg = settings.model
+    base: str | None = cfg.base
+    if base == TINY:
+        trained = tiny_dir(settings)
+        base = str(trained) if (trained / "config.json").is_file() else None  # else built at the first catalog
+    if base is not None:
+        check_loadable(base)
+    device = resolve_device(cfg.device)
+    return f"model {cfg.base} on {device}, computing in {dtype_name(resolve_dtype(cfg.dtype, device))}"
+
+
+def log_at_start(app: faust.App, message: str) -> None:
+    """Log `message` once the worker runs (faust configures logging only then)."""
+
+    async def say() -> None:
+        log.info("%s", message)
+
+    app.task(say)
+
+
 def infer_streams(settings: Settings) -> InferStreams:
+    running_on = check_model(settings)
     w, topics = worker(settings, "infer"), settings.topics
+    log_at_start(w.app, f"inference worker: {running_on}")
     return InferStreams(
         **vars(w),
         updates=topic(w, topics.history_updates),
@@ -183,7 +215,9 @@ def infer_streams(settings: Settings) -> InferStreams:
 
 
 def train_streams(settings: Settings) -> TrainStreams:
+    running_on = check_model(settings)
     w, topics = worker(settings, "train"), settings.topics
+    log_at_start(w.app, f"train worker: {running_on} (fp32 weights while training)")
     return TrainStreams(
         **vars(w),
         source=topic(w, topics.clicks, topics.purchases, topics.recommendations),

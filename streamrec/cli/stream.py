@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from streamrec.cli.apps import app, bench_app, schemas_app, worker_app
 from streamrec.settings import Settings, load_settings
@@ -79,16 +80,26 @@ def worker_train(
     run_worker("train", loglevel, create)
 
 
+# EX_CONFIG: a restart alone will not help; the message says what to change.
+EXIT_CONFIG = 78
+
+
 def run_worker(role: str, loglevel: str, create: bool) -> None:
     import faust
 
     from agents import create_app
+    from streamrec.errors import ConfigError, ModelError
     from streamrec.kafka.topics import create_topics, seal_partitions
 
-    settings = _settings()
-    if create:
-        create_topics(settings.kafka, settings.topics)
-    app = create_app(settings, role)
+    try:
+        settings = _settings()
+        if create:
+            create_topics(settings.kafka, settings.topics)
+        # Building the app checks that the model loads: a bad base stops here, before any group join.
+        app = create_app(settings, role)
+    except (ConfigError, ModelError) as exc:
+        console.print(f"[red]{type(exc).__name__}: {escape(str(exc))}[/]", soft_wrap=True)
+        raise typer.Exit(EXIT_CONFIG) from None
     # Tables restore from these topics at start; see seal_partitions for why they are sealed first.
     restored = [table.changelog_topic.get_topic_name() for table in app.tables.values()]
     seal_partitions(settings.kafka, restored)
