@@ -46,6 +46,23 @@ def _train_settings(**overrides: Any) -> Any:
     return base.model_copy(update={k: v for k, v in overrides.items() if v is not None})
 
 
+BASE_HELP = "'tiny' (built here, trained from scratch), a hub id (google/flan-t5-small) or a model directory."
+SCHEME_HELP = (
+    "Item identifiers: item_token (one token per item) or title (default: STREAMREC_MODEL__SCHEME, else "
+    "item_token for tiny and the base directory's own for a checkpoint, title for a plain hub one)."
+)
+
+
+def _scheme(flag: str | None) -> Any:
+    """--scheme, else STREAMREC_MODEL__SCHEME; None leaves it to the base."""
+    from streamrec.catalog import SCHEMES
+    from streamrec.settings import load_settings
+
+    if flag is not None and flag not in SCHEMES:
+        raise typer.BadParameter(f"--scheme must be one of {', '.join(SCHEMES)}, not {flag!r}")
+    return flag or load_settings().model.scheme
+
+
 def _instructions(path: Path | None = None) -> Any:
     """The templates in `path`, else in STREAMREC_MODEL__TEMPLATES; None when neither is set (the
     packaged ones, or a model directory's own copy)."""
@@ -61,7 +78,8 @@ def train(
     data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="The historical log."),
     fmt: str = typer.Option("recbole", "--format", help=FORMAT_HELP),
     out: Path = typer.Option(..., "--out", help="Directory for the model (or, with --lora, the adapter)."),
-    base: str = typer.Option("tiny", "--base", help="'tiny' (from scratch), a hub id or a model directory."),
+    base: str = typer.Option("tiny", "--base", help=BASE_HELP),
+    scheme: str | None = typer.Option(None, "--scheme", help=SCHEME_HELP),
     lora: bool = typer.Option(False, "--lora", help="Train a LoRA increment on top of --base (a model directory)."),
     epochs: int | None = typer.Option(None, help="Most passes over the data (default: settings)."),
     max_minutes: float | None = typer.Option(
@@ -73,14 +91,19 @@ def train(
         None, help="Instruction templates file (default: STREAMREC_MODEL__TEMPLATES, else packaged)."
     ),
 ) -> None:
-    """Bootstrap a recommender on a historical log: full training (from scratch for 'tiny'), or a LoRA
-    increment with --lora. Early-stops on validation NDCG@10 (each user's second-last item)."""
+    """Bootstrap a recommender on a historical log: full training (from scratch for 'tiny', a
+    fine-tune of a checkpoint otherwise), or a LoRA increment with --lora. Early-stops on validation
+    NDCG@10 (each user's second-last item). Computes in STREAMREC_MODEL__DTYPE (fp32 weights)."""
     from streamrec.datasets import leave_one_out
     from streamrec.model.training import train as run_train
+    from streamrec.settings import load_settings
 
     _threads()
     if lora and base == "tiny":
         raise typer.BadParameter("--lora needs --base DIR, a model written by `streamrec train`")
+    if lora and scheme is not None:
+        raise typer.BadParameter("--scheme does not go with --lora: an adapter keeps its base's item identifiers")
+    chosen = None if lora else _scheme(scheme)
     dataset = _load(data, fmt)
     split = leave_one_out(dataset.events)
     cfg = _train_settings(epochs=epochs, max_minutes=max_minutes, seed=seed)
@@ -95,7 +118,9 @@ def train(
         base=base,
         lora=lora,
         instructions=_instructions(templates),
+        scheme=chosen,
         device=device,
+        dtype=load_settings().model.dtype,
         log=typer.echo,
     )
 
@@ -106,6 +131,8 @@ def evaluate(
     fmt: str = typer.Option("recbole", "--format", help=FORMAT_HELP),
     out: Path = typer.Option(..., "--out", help="Report JSON; a PNG chart is written beside it."),
     model: Path | None = typer.Option(None, "--model", help="Evaluate this model directory instead of training."),
+    base: str = typer.Option("tiny", "--base", help="What to train and evaluate (without --model): " + BASE_HELP),
+    scheme: str | None = typer.Option(None, "--scheme", help=SCHEME_HELP),
     model_out: Path | None = typer.Option(
         None, "--model-out", help="Where the trained model goes (default: beside --out)."
     ),
@@ -118,13 +145,19 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Offline evaluation: leave-one-out in time order, full ranking, history excluded; HR@5/10,
-    NDCG@5/10, MRR, coverage@10 for streamrec and the popularity, item-kNN and Markov baselines."""
+    NDCG@5/10, MRR, coverage@10 for streamrec and the popularity, item-kNN and Markov baselines.
+    Trains --base (tiny by default) on the log first, unless --model names a trained directory."""
     from streamrec.datasets import leave_one_out
     from streamrec.lab.offline import compare, plot
-    from streamrec.model.recommender import Recommender, resolve_device
+    from streamrec.model.recommender import Recommender, dtype_name, resolve_device
     from streamrec.model.training import train as run_train
     from streamrec.ranking import PROTOCOL
+    from streamrec.settings import load_settings
 
+    if model is not None and (base != "tiny" or scheme is not None):
+        raise typer.BadParameter("--model evaluates a trained directory as it is: leave out --base and --scheme")
+    chosen = _scheme(scheme)
+    model_cfg = load_settings().model
     threads = _threads()
     dataset = _load(data, fmt)
     split = leave_one_out(dataset.events)
@@ -136,19 +169,27 @@ def evaluate(
         cfg = _train_settings(epochs=epochs, max_minutes=max_minutes, seed=seed)
         target = model_out or out.with_name(out.stem + "-model")
         rec, trained = run_train(
-            split, dataset.catalog, target, cfg, instructions=_instructions(), device=device, log=typer.echo
+            split,
+            dataset.catalog,
+            target,
+            cfg,
+            base=base,
+            instructions=_instructions(),
+            scheme=chosen,
+            device=device,
+            dtype=model_cfg.dtype,
+            log=typer.echo,
         )
         train_seconds = time.monotonic() - started
         training: dict[str, Any] | None = dataclasses.asdict(trained)
     else:
-        rec = Recommender.load(str(model), device, instructions=_instructions(), catalog=dataset.catalog)
+        rec = Recommender.load(
+            str(model), device, instructions=_instructions(), catalog=dataset.catalog, dtype=model_cfg.dtype
+        )
         train_seconds = 0.0
         training = None
         target = model
     # The blend fitted here is saved with a model trained here, never into a --model directory.
-    from streamrec.settings import load_settings
-
-    model_cfg = load_settings().model
     models = compare(
         rec,
         split,
@@ -167,6 +208,9 @@ def evaluate(
         "items": len(dataset.catalog),
         "interactions": len(dataset.events),
         "device": f"cuda ({_cuda_name()})" if dev.type == "cuda" else f"cpu ({threads} threads)",
+        "dtype": dtype_name(rec.dtype),  # what the model computed in (a model trained here kept fp32 weights)
+        "base": base if model is None else rec.base,
+        "scheme": rec.scheme,
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(time.monotonic() - started - train_seconds, 1),
         "model_dir": str(target),
