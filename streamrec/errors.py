@@ -25,4 +25,7 @@ class StateError(StreamrecError):
 
 
 class ModelError(StreamrecError):
-    """A model or adapter could not be loaded or is invalid. The worker keeps serving what it has."""
+    """A model or adapter could not be loaded or is invalid. A refused adapter leaves the worker serving
+    what it has. A base model that cannot be loaded stops the worker at start: do what the message says
+    (point STREAMREC_MODEL__BASE at a local directory, fill the Hugging Face cache, or set
+    HF_HUB_OFFLINE=1 with the model cached), then restart."""
