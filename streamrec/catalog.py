@@ -100,7 +100,7 @@ def identifiers(catalog: Catalog, scheme: SchemeName) -> dict[str, str]:
         raise ModelError(f"unknown identifier scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     counts: dict[str, int] = {}
     for item in catalog:
-        key = item.title.strip().casefold()
+        key = " ".join(item.title.split()).casefold()  # the title as written below
         counts[key] = counts.get(key, 0) + 1
     out: dict[str, str] = {}
     for item in catalog:

@@ -72,3 +72,22 @@ def walk_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from walks import train_walk_model
 
     return train_walk_model(tmp_path_factory.mktemp("walk") / "model")
+
+
+@pytest.fixture(scope="session")
+def flan_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Flan-T5-shaped hub directory (T5 v1.1, Unigram tokenizer, random weights, small dimensions)
+    over the walk catalog's text (tests/flan_walks.py), once per session; read-only."""
+    pytest.importorskip("torch")
+    from flan_walks import build_flan
+
+    return build_flan(tmp_path_factory.mktemp("flan") / "hub")
+
+
+@pytest.fixture(scope="session")
+def flan_model(flan_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    """`flan_checkpoint` fine-tuned on the walk pattern with titles, as `streamrec train --base DIR`
+    does (about 6 s): (the model directory, the training report); read-only."""
+    from flan_walks import bootstrap
+
+    return bootstrap(flan_checkpoint, tmp_path_factory.mktemp("flan") / "bootstrap")

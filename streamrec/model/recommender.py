@@ -411,8 +411,7 @@ class Recommender:
                 vocab = self.tokenizer.get_vocab()
                 missing = [item_token(i) for i in catalog.ids if item_token(i) not in vocab]
                 if missing:
-                    self.tokenizer.add_tokens([AddedToken(t, normalized=False, lstrip=True) for t in missing])
-                    self.model.resize_token_embeddings(len(self.tokenizer))
+                    self._add_item_tokens(missing)
             self.catalog = catalog
             self.names = identifiers(catalog, self.scheme)
             self.texts = item_texts(catalog)
@@ -424,6 +423,37 @@ class Recommender:
             single = all(len(p) == 2 and p[1] == eos for p in paths.values())
             self._single = {p[0]: i for i, p in paths.items()} if single else {}
             self._single_items = list(self._single.values())
+
+    def _add_item_tokens(self, tokens: Sequence[str]) -> None:
+        """Give each of `tokens` a tokenizer id and an embedding row that starts near the mean of the
+        rows of the tokens known so far, in the input embedding and, when the model has one of its
+        own (T5 v1.1, Flan), in the output head too. The embedding keeps any rows beyond the
+        tokenizer: Flan's 32,128 rows hold 28 unused ones past its 32,100 tokens, which the first new
+        tokens take over (a resize down to len(tokenizer) would drop them and change the model's shape)."""
+        model = self.model
+        emb = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        own_head = head is not None and head.weight.data_ptr() != emb.weight.data_ptr()
+        known = len(self.tokenizer)
+        # normalized=False: an item token is matched on the raw text, never normalised; lstrip: it
+        # swallows the space before it, which would otherwise cost a lone "▁" token per history item.
+        self.tokenizer.add_tokens([AddedToken(t, normalized=False, lstrip=True) for t in tokens])
+        new = list(range(known, len(self.tokenizer)))
+        if len(self.tokenizer) > emb.weight.shape[0]:
+            kept = head.weight.detach().clone() if own_head else None
+            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)  # rows set below
+            emb = model.get_input_embeddings()
+            if kept is not None:
+                # transformers 5 re-ties T5's head to the input embedding on a resize, whatever the
+                # checkpoint had: Flan's trained output embedding would be silently replaced.
+                _untie_output_head(model, kept, len(self.tokenizer))
+                head = model.get_output_embeddings()
+        with torch.no_grad():
+            for matrix in [emb.weight] + ([head.weight] if own_head else []):
+                text = matrix[:known]
+                spread = text.std(dim=0, keepdim=True) * 0.1
+                noise = torch.randn((len(new), matrix.shape[1]), dtype=matrix.dtype, device=matrix.device)
+                matrix[new] = text.mean(dim=0, keepdim=True) + spread * noise
 
     @property
     def start_token_id(self) -> int:
@@ -920,6 +950,17 @@ class Recommender:
         self.model.load_state_dict(state)
 
 
+def _untie_output_head(model: Any, kept: torch.Tensor, rows: int) -> None:
+    """Give `model` back its own output head after a resize tied it: `kept`'s rows, then new ones
+    (filled in by the caller), and no tie for save_pretrained or a later resize to restore."""
+    head = model.get_output_embeddings()
+    weight = torch.zeros((rows, kept.shape[1]), dtype=kept.dtype, device=kept.device)
+    weight[: min(rows, kept.shape[0])] = kept[:rows]
+    head.weight = torch.nn.Parameter(weight)
+    t5 = model.get_base_model() if hasattr(model, "get_base_model") else model
+    t5.all_tied_weights_keys.pop("lm_head.weight", None)
+
+
 def _peft_wrappers(model: Any) -> set[int]:
     """The ids of the peft layers and wrappers in `model` now (none in a model peft never touched)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -1027,6 +1068,8 @@ class Trainer:
         self.params = [p for p in rec.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.label_smoothing = label_smoothing
+        # The tokenizer's own padding id: 0 in every T5 vocabulary, but a real token in others.
+        self.pad_id = int(rec.tokenizer.pad_token_id)
         # Both may be shortened by the loop once it knows how many steps its time budget allows.
         self.warmup_steps = max(1, warmup_steps)
         self.total_steps = max(1, total_steps)
@@ -1052,7 +1095,7 @@ class Trainer:
 
     def _loss(self, input_ids: torch.Tensor, labels: Sequence[Sequence[int]]) -> torch.Tensor:
         rec = self.rec
-        mask = (input_ids != 0).long()
+        mask = (input_ids != self.pad_id).long()
         cols = [self.column.get(row[0], -1) if len(row) == 2 else -1 for row in labels]
         if self.item_tokens is not None and min(cols) >= 0:
             start = torch.full((len(labels), 1), rec.start_token_id, dtype=torch.long, device=rec.device)
@@ -1067,7 +1110,7 @@ class Trainer:
 
     def step(self, inputs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]]) -> float:
         """One optimisation step on a batch; returns the loss."""
-        input_ids = _pad(inputs, 0, self.rec.device)
+        input_ids = _pad(inputs, self.pad_id, self.rec.device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             loss = self._loss(input_ids, labels)
         self.optimizer.zero_grad(set_to_none=True)
