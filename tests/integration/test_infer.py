@@ -116,7 +116,9 @@ def reasons_of(recs: Iterable[Recommendation]) -> set[str]:
     return {part for r in recs for i in r.items if i.reason for part in i.reason.split("+")}
 
 
-def check_rules(recs: list[Recommendation], items: list[CatalogItem], events: list[dict[str, Any]], k: int) -> None:
+def check_rules(
+    recs: list[Recommendation], items: list[CatalogItem], events: list[dict[str, Any]], k: int, base: str = "tiny"
+) -> None:
     available = {i.item_id for i in items if i.available}
     bought: dict[str, set[str]] = {}
     for e in events:
@@ -134,7 +136,7 @@ def check_rules(recs: list[Recommendation], items: list[CatalogItem], events: li
             e["item_id"] for e in events[: upto + 1] if e["user_id"] == rec.user_id and e["type"] == "purchase"
         }
         assert not set(ids) & bought_then, f"recommended a purchased item to {rec.user_id}"
-        assert rec.model.base == "tiny" and rec.event_ts is not None
+        assert rec.model.base == base and rec.event_ts is not None
         assert [i.score for i in rec.items] == sorted((i.score for i in rec.items), reverse=True)
     assert bought, "the test must include purchases"
 
@@ -165,8 +167,11 @@ def check_tasks_and_explanations(
                 assert item.explanation == f'because you clicked "{titles[named]}"'
 
 
-def run_pipeline(make_settings: Any, tmp_path: Path, **overrides: Any) -> tuple[Settings, Settings, Any, Any]:
-    settings = make_settings(model={"base": "tiny", "top_k": 5}, **overrides)
+def run_pipeline(
+    make_settings: Any, tmp_path: Path, model: dict[str, Any] | None = None, **overrides: Any
+) -> tuple[Settings, Settings, Any, Any]:
+    """Ingest and inference workers on fresh topics; `model` settings on top of the tiny model's."""
+    settings = make_settings(model={"base": "tiny", "top_k": 5} | (model or {}), **overrides)
     create_topics(settings.kafka, settings.topics)
     infer_settings = settings.model_copy(update={"web_port": free_port()})
     ingest = start_worker("ingest", settings, tmp_path / "ingest.log")
