@@ -5,44 +5,26 @@ Random weights are enough: speed does not depend on what the weights are. Times 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
 
 from streamrec.catalog import Catalog, ScoredItem
 from streamrec.events import Event
-from streamrec.instructions import RecRequest
+from streamrec.instructions import Instructions, RecRequest
 from streamrec.lab.bench import machine, write_report
 from streamrec.lab.simulate import SimConfig, generate_events, make_catalog
-from streamrec.model.recommender import Recommender, TinyConfig
+from streamrec.model.flan import FLAN_T5_SMALL, build_flan_checkpoint
+from streamrec.model.recommender import Recommender
 
 K = 10
 HISTORY = 20  # events per user history: each user's last ones
-
-# google/flan-t5-small's config.json, the dimensions that decide speed.
-FLAN_T5_SMALL: dict[str, Any] = {
-    "vocab_size": 32128,
-    "d_model": 512,
-    "d_kv": 64,
-    "d_ff": 1024,
-    "num_layers": 8,
-    "num_decoder_layers": 8,
-    "num_heads": 6,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "tie_word_embeddings": False,
-    "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-6,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
-}
 
 
 def make_requests(users: int, items: int = 500, seed: int = 1) -> tuple[Catalog, list[RecRequest]]:
@@ -66,35 +48,22 @@ def build_tiny(catalog: Catalog, device: str) -> tuple[Recommender, dict[str, An
 
 
 def build_flan_shape(catalog: Catalog, device: str) -> tuple[Recommender, dict[str, Any]]:
-    """Flan-T5-small's dimensions with random weights under the `title` scheme. The tokenizer is
-    the one build_tiny trains on the catalog (Flan's SentencePiece is not available offline), so
-    titles may split into a different number of tokens than with the real model."""
-    # A throwaway tiny model just for its tokenizer and templates; the T5 itself is built below.
-    donor = Recommender.build_tiny(
-        catalog,
-        config=TinyConfig(d_model=16, d_ff=16, num_layers=1, num_decoder_layers=1, num_heads=1),
-        device=device,
-        scheme="title",
-    )
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(**FLAN_T5_SMALL))
-    rec = Recommender(
-        model,
-        donor.tokenizer,
-        scheme="title",
-        instructions=donor.instructions,
-        device=donor.device,
-        base="flan-t5-small-shape",
-        max_input_tokens=512,
-    )
-    rec.set_catalog(catalog)
+    """A Flan-T5-small-shaped checkpoint (T5 v1.1 at flan-t5-small's dimensions, random weights, a
+    SentencePiece-style Unigram tokenizer trained on the catalog text) written to a temporary
+    directory and loaded by path, as `google/flan-t5-small` would be, under the `title` scheme."""
+    instructions = Instructions.load()
+    texts = [f"{i.title} {i.category or ''} {i.description or ''}" for i in catalog]
+    texts += [t.text for ts in instructions.templates.values() for t in ts]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_flan_checkpoint(Path(tmp) / "flan-t5-small-shape", texts, config=FLAN_T5_SMALL)
+        rec = Recommender.load(str(path), device, scheme="title", catalog=catalog)
     titles = [len(rec.trie.path(i)) for i in rec.trie.items]
     return rec, {
-        "built": "T5ForConditionalGeneration(T5Config(flan-t5-small dims)) with random weights",
+        "built": "build_flan_checkpoint(config=FLAN_T5_SMALL): T5 v1.1 with random weights, loaded by path",
         "config": {k: v for k, v in FLAN_T5_SMALL.items() if not k.endswith("_token_id")},
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "tokenizer": f"BPE trained on the catalog by build_tiny ({len(rec.tokenizer)} tokens), not Flan's "
-        "SentencePiece; the embedding and output layers are still 32128 wide",
+        "parameters": sum(p.numel() for p in rec.model.parameters()),
+        "tokenizer": f"Unigram trained on the catalog and templates ({len(rec.tokenizer)} tokens, T5's "
+        f"conventions); the embedding and output layers are {FLAN_T5_SMALL['vocab_size']} wide",
         "identifier_tokens": {"mean": statistics.fmean(titles), "max": max(titles)},
     }
 
@@ -105,11 +74,29 @@ def _timed(fn: Callable[[], list[list[ScoredItem]]]) -> tuple[float, list[list[S
     return time.perf_counter() - start, out
 
 
+def exhaustive_agreement(rec: Recommender, requests: Sequence[RecRequest], lists: Sequence[list[ScoredItem]]) -> float:
+    """The share of `requests` whose list equals the exhaustive constrained search's: every allowed
+    item's whole identifier scored by teacher forcing, the top K taken."""
+    cands = [[i for i in rec.trie_items if i not in r.exclude] for r in requests]
+    same = 0
+    for lst, c, lp in zip(lists, cands, rec.sequence_log_probs(requests, cands), strict=True):
+        alpha = rec.length_penalty
+        score = lp / np.array([len(rec.trie.path(i)) for i in c]) ** alpha if alpha else lp
+        same += [s.item_id for s in lst] == [c[n] for n in np.argsort(-score, kind="stable")[:K]]
+    return same / max(len(requests), 1)
+
+
 def measure(
-    rec: Recommender, requests: Sequence[RecRequest], single_users: int, repeats: int, batch_size: int
+    rec: Recommender,
+    requests: Sequence[RecRequest],
+    single_users: int,
+    repeats: int,
+    batch_size: int,
+    exact_users: int = 0,
 ) -> dict[str, Any]:
     """Median users/s of one batched call over all `requests` and of one call per user over the
-    first `single_users`, alternating so both see the same machine load."""
+    first `single_users`, alternating so both see the same machine load; with `exact_users`, how
+    many of the first ones get the exhaustive search's list (untimed)."""
     subset = list(requests[:single_users])
     # Warm-up: first calls pay for allocator growth, thread pools and lazy initialisation.
     rec.recommend(list(requests[:batch_size]), k=K, batch_size=batch_size)
@@ -136,6 +123,16 @@ def measure(
         "single": {"users": len(subset), "users_per_s": single_rate, "seconds": single_s},
         "speedup": batched_rate / single_rate,
         "top_item_agreement": sum(same_top) / len(same_top),
+        **(
+            {
+                "exhaustive": {
+                    "users": min(exact_users, len(batched)),
+                    "same_lists": exhaustive_agreement(rec, requests[:exact_users], batched[:exact_users]),
+                }
+            }
+            if exact_users
+            else {}
+        ),
     }
 
 
@@ -147,10 +144,14 @@ def run(
     flan: bool = True,
     flan_users: int = 64,
     flan_single_users: int = 8,
+    exact_users: int = 16,
+    bf16: bool = True,
     items: int = 500,
     batch_size: int = 64,
     device: str = "auto",
 ) -> dict[str, Any]:
+    """The tiny model, and with `flan` the Flan-T5-small shape in fp32 and (with `bf16`) again with
+    its weights in bf16; `exact_users` users of each are checked against the exhaustive search."""
     catalog, requests = make_requests(users, items)
     shapes: dict[str, Callable[[Catalog, str], tuple[Recommender, dict[str, Any]]]] = {"tiny": build_tiny}
     if flan:
@@ -165,20 +166,35 @@ def run(
         # (batched still in full batches of `batch_size` when flan_users allows, so the batched rate holds).
         shape_users = requests if name == "tiny" else requests[:flan_users]
         single_users = len(shape_users) if name == "tiny" else min(flan_single_users, len(shape_users))
-        figures = measure(rec, shape_users, single_users, repeats, batch_size)
-        results[name] = {"scheme": rec.scheme, **about, **figures}
-        if len(shape_users) < len(requests):
-            results[name]["batched"]["note"] = f"over the first {len(shape_users)} users only, to keep the run short"
-        if single_users < len(requests):
-            results[name]["single"]["note"] = (
-                f"one user at a time over the first {single_users} users only, to keep the run short"
-            )
-        rows += [
-            (f"{name} batched users/s", f"{figures['batched']['users_per_s']:,.1f}"),
-            (f"{name} single users/s", f"{figures['single']['users_per_s']:,.1f}"),
-            (f"{name} speedup", f"{figures['speedup']:.1f}x"),
-            (f"{name} same top item", f"{figures['top_item_agreement']:.0%}"),
-        ]
+        runs = [(name, torch.float32)]
+        if name != "tiny" and bf16:
+            runs.append((f"{name} bf16", torch.bfloat16))
+        reference: list[list[str]] = []
+        for label, dtype in runs:
+            rec.model.to(dtype)
+            figures = measure(rec, shape_users, single_users, repeats, batch_size, min(exact_users, len(shape_users)))
+            results[label] = {"scheme": rec.scheme, "dtype": str(dtype).removeprefix("torch."), **about, **figures}
+            lists = [[s.item_id for s in lst] for lst in rec.recommend(list(shape_users), k=K)]
+            if dtype == torch.float32:
+                reference = lists
+            else:
+                same = sum(a == b for a, b in zip(lists, reference, strict=True)) / len(lists)
+                results[label]["same_lists_as_float32"] = same
+            if len(shape_users) < len(requests):
+                results[label]["batched"]["note"] = (
+                    f"over the first {len(shape_users)} users only, to keep the run short"
+                )
+            if single_users < len(requests):
+                results[label]["single"]["note"] = (
+                    f"one user at a time over the first {single_users} users only, to keep the run short"
+                )
+            rows += [
+                (f"{label} batched users/s", f"{figures['batched']['users_per_s']:,.1f}"),
+                (f"{label} single users/s", f"{figures['single']['users_per_s']:,.1f}"),
+                (f"{label} speedup", f"{figures['speedup']:.1f}x"),
+            ]
+            if "exhaustive" in figures:
+                rows.append((f"{label} lists = exhaustive search", f"{figures['exhaustive']['same_lists']:.0%}"))
         del rec
     report = {
         "benchmark": "infer",
