@@ -10,7 +10,8 @@ import math
 import shutil
 import string
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -480,7 +481,7 @@ class Recommender:
         from peft import PeftModel
 
         name = version or Path(adapter_dir).name
-        with self._lock:
+        with self._lock, _peft_keeps_own_head(self.model):
             model = self.model
             wrapped = _peft_wrappers(model)
             trainable = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -890,15 +891,20 @@ class Recommender:
         from peft import LoraConfig, TaskType, get_peft_model
 
         tokens = sorted(self.item_token_ids) if train_items and self._single else None
+        indices: list[int] | dict[str, list[int]] | None = tokens
+        if tokens is not None and _own_head(self.model):
+            # A head of its own (T5 v1.1, Flan): the item tokens' output rows train too, apart from
+            # their input rows; with a list, peft would train (and tie the head to) the input rows only.
+            indices = {name: tokens for name in _embedding_names(self.model)}
         cfg = LoraConfig(
             task_type=TaskType.SEQ_2_SEQ_LM,
             r=r,
             lora_alpha=alpha,
             lora_dropout=dropout,
             target_modules=["q", "v"],
-            trainable_token_indices=tokens,
+            trainable_token_indices=indices,
         )
-        with self._lock:
+        with self._lock, _peft_keeps_own_head(self.model):
             self.model = get_peft_model(self.model, cfg)
 
     def continue_adapter(self, adapter_dir: str, version: str | None = None, blend: Blend | None = None) -> None:
@@ -907,7 +913,7 @@ class Recommender:
         from peft import PeftModel
 
         try:
-            with self._lock:
+            with self._lock, _peft_keeps_own_head(self.model):
                 self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=True)
                 self.model.to(self.device)
                 self.adapter_version = version or Path(adapter_dir).name
@@ -950,6 +956,56 @@ class Recommender:
         self.model.load_state_dict(state)
 
 
+def _base_t5(model: Any) -> Any:
+    """The T5 under any peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _base_weight(module: Any) -> torch.Tensor:
+    """A layer's own weight, under any peft trainable-tokens wrapper."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    while isinstance(module, AuxiliaryTrainingWrapper):
+        module = module.original_module
+    weight: torch.Tensor = module.weight
+    return weight
+
+
+def _own_head(model: Any) -> bool:
+    """Whether the output head is a matrix of its own (T5 v1.1, Flan) rather than the input embedding."""
+    t5 = _base_t5(model)
+    return bool(_base_weight(t5.lm_head).data_ptr() != _base_weight(t5.shared).data_ptr())
+
+
+def _embedding_names(model: Any) -> list[str]:
+    """The module names of the input embedding and the output head, as peft's trainable tokens name them."""
+    t5 = _base_t5(model)
+    return [next(n for n, m in t5.named_modules() if m is t5.shared), "lm_head"]
+
+
+@contextmanager
+def _peft_keeps_own_head(model: Any) -> Iterator[None]:
+    """While peft wraps or loads an adapter: a model with a head of its own does not list it among
+    the weights tied to the input embedding. peft ties every module T5's `_tied_weights_keys` lists
+    to the input embedding's trainable tokens, and T5 lists lm_head whether or not the checkpoint
+    shares it (transformers 5 even reports every T5 as tied): on Flan, a fresh adapter would serve
+    the item tokens' input rows as their output rows, changing every score before any training."""
+    t5 = _base_t5(model)
+    if not _own_head(t5):
+        yield
+        return
+    mine = "_tied_weights_keys" in t5.__dict__
+    before = t5.__dict__.get("_tied_weights_keys")
+    t5._tied_weights_keys = {k: v for k, v in t5._tied_weights_keys.items() if k != "lm_head.weight"}
+    try:
+        yield
+    finally:
+        if mine:
+            t5._tied_weights_keys = before
+        else:
+            del t5._tied_weights_keys
+
+
 def _untie_output_head(model: Any, kept: torch.Tensor, rows: int) -> None:
     """Give `model` back its own output head after a resize tied it: `kept`'s rows, then new ones
     (filled in by the caller), and no tie for save_pretrained or a later resize to restore."""
@@ -957,8 +1013,7 @@ def _untie_output_head(model: Any, kept: torch.Tensor, rows: int) -> None:
     weight = torch.zeros((rows, kept.shape[1]), dtype=kept.dtype, device=kept.device)
     weight[: min(rows, kept.shape[0])] = kept[:rows]
     head.weight = torch.nn.Parameter(weight)
-    t5 = model.get_base_model() if hasattr(model, "get_base_model") else model
-    t5.all_tied_weights_keys.pop("lm_head.weight", None)
+    _base_t5(model).all_tied_weights_keys.pop("lm_head.weight", None)
 
 
 def _peft_wrappers(model: Any) -> set[int]:

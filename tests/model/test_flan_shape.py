@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from flan_walks import VOCAB, bootstrap, one_thread, walk_log
 from walks import CATALOG_ITEMS
@@ -164,6 +165,43 @@ def test_item_tokens_on_an_untied_model_keep_its_output_head_and_its_spare_rows(
     torch.testing.assert_close(rec.model.lm_head.weight[:text], hub.lm_head.weight[:text])
     lists = rec.recommend(requests(2), k=5)
     assert all(len(lst) == 5 for lst in lists)
+
+
+def test_a_lora_with_item_tokens_on_flan_starts_as_the_base_and_trains_its_own_head(
+    flan_checkpoint: Path, tmp_path: Path
+) -> None:
+    """peft once tied Flan's head to the item tokens' trainable input rows (T5 lists lm_head among
+    its tied weights whatever the checkpoint holds): a fresh increment's adapter changed every item
+    score before it had trained at all, and could never train the items' output rows."""
+    from streamrec.model.recommender import Trainer
+
+    base = Recommender.load(str(flan_checkpoint), "cpu", scheme="item_token", catalog=CATALOG).save(tmp_path / "b")
+    rec = Recommender.load(str(base), "cpu", train=True)
+    asked = requests(6)
+    before = rec.item_log_probs(asked)
+    rec.add_lora(4, 8, 0.0, train_items=True)
+    rec.model.eval()
+    np.testing.assert_allclose(rec.item_log_probs(asked), before, atol=1e-6)
+    trainable = {n.split(".")[2] for n, p in rec.model.named_parameters() if p.requires_grad and "lora" not in n}
+    assert trainable == {"shared", "lm_head"}
+
+    trainer = Trainer(rec, lr=1e-2, weight_decay=0.0, warmup_steps=1, total_steps=5)
+    trainer.train_mode(True)
+    for _ in range(5):
+        trainer.step(rec.tokenize_inputs([rec.instruction(r) for r in asked]), rec.target_ids(["i9"] * len(asked)))
+    trainer.train_mode(False)
+    trained = rec.item_log_probs(asked)
+    assert (trained[:, 9] > before[:, 9] + 0.5).all()
+    rec.save_adapter(tmp_path / "v1")
+    # Loaded with its base, swapped into a serving model, continued by the next increment: one model.
+    served = Recommender.load(str(base), "cpu")
+    served.load_adapter(str(tmp_path / "v1"))
+    np.testing.assert_allclose(served.item_log_probs(asked), trained, atol=1e-5)
+    np.testing.assert_allclose(Recommender.load(str(tmp_path / "v1"), "cpu").item_log_probs(asked), trained, atol=1e-5)
+    again = Recommender.load(str(base), "cpu", train=True)
+    again.continue_adapter(str(tmp_path / "v1"))
+    again.model.eval()
+    np.testing.assert_allclose(again.item_log_probs(asked), trained, atol=1e-5)
 
 
 def test_a_title_written_with_extra_spaces_gets_an_identifier() -> None:
