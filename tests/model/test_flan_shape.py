@@ -268,6 +268,11 @@ def test_an_item_token_bootstrap_on_flan_learns_the_walk_and_keeps_the_head_unti
     assert rec.scheme == "item_token" and untied(rec)
     assert rec.model.config.vocab_size == json.loads((flan_checkpoint / "config.json").read_text())["vocab_size"]
     assert sorted(rec.tokenizer.convert_ids_to_tokens(rec.item_token_ids)) == sorted(map(item_token, CATALOG.ids))
+    # The saved tokenizer reads a history as the one it trained with did (item tokens swallow the space before them).
+    trained_with = Recommender.load(str(flan_checkpoint), "cpu", scheme="item_token", catalog=CATALOG)
+    text = [rec.instruction(r) for r in requests(3)]
+    assert rec.tokenize_inputs(text) == trained_with.tokenize_inputs(text)
+    assert "▁" not in rec.tokenizer.convert_ids_to_tokens(rec.tokenize_inputs(["History: <item_i1> <item_i2>"])[0])
 
 
 def test_eval_model_scores_the_fine_tuned_flan_against_the_baselines(
