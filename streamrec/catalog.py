@@ -209,6 +209,17 @@ class ItemTrie:
             node = next(iter(node.children.values()))
         return node.item_id
 
+    def items_below(self, node: TrieNode, excluded: Mapping[int, int] | None = None) -> list[str]:
+        """Every item at or below `node`, minus excluded ones (`excluded_counts`)."""
+        out: list[str] = []
+        stack = [node]
+        while stack:
+            here = stack.pop()
+            if here.item_id is not None:
+                out.append(here.item_id)
+            stack.extend(child for _, child in self.next_tokens(here, excluded))
+        return out
+
     def nodes(self, item_id: str) -> list[TrieNode]:
         """The nodes an item's path passes through, the root first and its own last node excluded:
         the node each of its tokens is chosen at."""

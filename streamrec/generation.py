@@ -74,7 +74,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
             tiny = TinyConfig.from_settings(settings.train)
             rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=cfg.device, dtype=cfg.dtype)
             rec.task, rec.num_beams, rec.batch_size = cfg.task, cfg.num_beams, cfg.batch_size
-            rec.length_penalty = cfg.length_penalty
+            rec.length_penalty, rec.exact_search = cfg.length_penalty, cfg.exact_search
             return rec
         base, scheme = str(trained), None  # the trained tiny model's own scheme
     rec = Recommender.load(
@@ -89,7 +89,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
         batch_size=cfg.batch_size,
         dtype=cfg.dtype,
     )
-    rec.length_penalty = cfg.length_penalty
+    rec.length_penalty, rec.exact_search = cfg.length_penalty, cfg.exact_search
     return rec
 
 

@@ -185,6 +185,12 @@ class ModelSettings(_Section):
         description="Multi-token identifiers are ranked by log P / length ** length_penalty; 0 ranks by log P, "
         "which is already a distribution over the catalog and lets the search stop early.",
     )
+    exact_search: bool = Field(
+        default=False,
+        description="Multi-token identifiers: after the beam search, score by teacher forcing the items below any "
+        "prefix the beams dropped that still beats the k-th item, so each list is the exact top k (without a "
+        "length penalty). Cheap for a trained model; an untrained one pays for most of the catalog.",
+    )
     batch_size: int = Field(default=64, ge=1, description="Users per forward pass.")
     blend: bool = Field(
         default=True,

@@ -10,7 +10,7 @@ import math
 import shutil
 import string
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -215,6 +215,8 @@ class Recommender:
         # Multi-token schemes rank a finished identifier by log P / length ** length_penalty
         # (STREAMREC_MODEL__LENGTH_PENALTY); 0: by log P itself, which lets the search stop early.
         self.length_penalty = 0.0
+        # Complete each beam search into the exact top k (STREAMREC_MODEL__EXACT_SEARCH): see _complete.
+        self.exact_search = False
         self.adapter_version: str | None = None
         self._lock = threading.RLock()
         self.catalog = Catalog([])
@@ -748,6 +750,7 @@ class Recommender:
         tokens = torch.full((len(requests), 1), self.start_token_id, dtype=torch.long, device=self.device)
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         prune = self.length_penalty == 0
+        dropped: list[list[tuple[float, TrieNode]]] = [[] for _ in requests]  # prefixes the beams let go
         for depth in range(trie.max_len):
             # From the second step on the cross-attention keys and values come from the cache, so the
             # encoder states only lend their shape: a broadcast view instead of a copy per beam.
@@ -779,7 +782,9 @@ class Recommender:
                         live.append(n)
                     elif item not in done[r]:
                         done[r][item] = float(score[n])
-                order = sorted(live, key=lambda n: -score[n])[:num_beams]
+                ranked = sorted(live, key=lambda n: -score[n])
+                order = ranked[:num_beams]
+                dropped[r].extend((float(score[n]), child[n]) for n in ranked[num_beams:])
                 if prune and len(done[r]) >= k:
                     # Log-probabilities only fall as a sequence grows: a live beam below the k-th
                     # finished score can never enter the list.
@@ -796,7 +801,30 @@ class Recommender:
             beam_req = [beam_req[parent[n]] for n in nxt]
             beam_node = [child[n] for n in nxt]
             beam_score = score[nxt]
+        if prune and self.exact_search:
+            self._complete(requests, k, done, dropped, excluded)
         return done
+
+    def _complete(
+        self,
+        requests: Sequence[RecRequest],
+        k: int,
+        done: list[dict[str, float]],
+        dropped: Sequence[Sequence[tuple[float, TrieNode]]],
+        excluded: Sequence[Mapping[int, int]],
+    ) -> None:
+        """Make the beam's top k exact: a prefix's score bounds every item below it, so the items
+        below a prefix the beams let go that still scores above the k-th finished item are scored
+        by teacher forcing. A trained model rarely leaves any; a flat one (untrained) leaves most of
+        the catalog, which then costs a teacher-forced pass over it."""
+        todo: list[list[str]] = []
+        for r, found in enumerate(done):
+            kth = sorted(found.values(), reverse=True)[k - 1] if len(found) >= k else -math.inf
+            below = [i for s, node in dropped[r] if s > kth for i in self.trie.items_below(node, excluded[r])]
+            todo.append([i for i in dict.fromkeys(below) if i not in found])
+        if any(todo):
+            for found, items, scores in zip(done, todo, self.sequence_log_probs(requests, todo), strict=True):
+                found.update(zip(items, scores.tolist(), strict=True))
 
     def _branch_log_probs(self, hidden: torch.Tensor, nodes: Sequence[TrieNode]) -> list[dict[int, float]]:
         """For each row's trie node, the log-probability of each of its children's tokens, the

@@ -178,3 +178,17 @@ def test_the_offline_report_gives_served_and_t5_alone_under_the_title_scheme(
         assert report["streamrec"]["NDCG@10"] >= report["streamrec-t5"]["NDCG@10"] - 0.05
     finally:
         rec.set_blend(None)
+
+
+def test_the_exact_search_setting_gives_the_exhaustive_lists_even_with_two_beams() -> None:
+    rec = Recommender.build_tiny(CATALOG, config=TINY, device="cpu", scheme="title", seed=1)
+    rng = random.Random(1)
+    requests = []
+    for _ in range(30):
+        hist = [HistoryItem(rng.choice(CATALOG.ids)) for _ in range(rng.randint(0, 6))]
+        requests.append(RecRequest(tuple(hist), frozenset(h.item_id for h in hist[:3])))
+    exact = _exhaustive(rec, requests, 10)
+    narrow = _ids(rec.recommend(requests, k=10, num_beams=2))
+    assert sum(a == b for a, b in zip(narrow, exact, strict=True)) < 30  # two beams alone miss items
+    rec.exact_search = True
+    assert _ids(rec.recommend(requests, k=10, num_beams=2)) == exact

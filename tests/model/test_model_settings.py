@@ -104,8 +104,10 @@ def test_the_num_beams_setting_is_the_beam_count_of_the_title_scheme(tiny: Path,
 def test_the_length_penalty_setting_reaches_the_title_ranking(tiny: Path, tmp_path: Path) -> None:
     plain = Recommender.load(str(tiny), "cpu", scheme="title")
     assert plain.length_penalty == 0.0
-    rec = load_recommender(settings(tmp_path, str(tiny), scheme="title", length_penalty=2.0), CATALOG)
-    assert rec.length_penalty == 2.0
+    rec = load_recommender(
+        settings(tmp_path, str(tiny), scheme="title", length_penalty=2.0, exact_search=True), CATALOG
+    )
+    assert rec.length_penalty == 2.0 and rec.exact_search
     plain.length_penalty = 2.0
     assert _lists(rec) == _lists(plain)
     lengths = [len(rec.trie.path(s.item_id)) for s in rec.recommend(REQUESTS[:1], k=5)[0]]

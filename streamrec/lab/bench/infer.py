@@ -54,6 +54,8 @@ def build_flan_shape(catalog: Catalog, device: str) -> tuple[Recommender, dict[s
     instructions = Instructions.load()
     texts = [f"{i.title} {i.category or ''} {i.description or ''}" for i in catalog]
     texts += [t.text for ts in instructions.templates.values() for t in ts]
+    # The words the renderer adds ("<title> purchase", "nothing yet"), which Flan's vocabulary has.
+    texts += ["click purchase nothing yet unknown"]
     with tempfile.TemporaryDirectory() as tmp:
         path = build_flan_checkpoint(Path(tmp) / "flan-t5-small-shape", texts, config=FLAN_T5_SMALL)
         rec = Recommender.load(str(path), device, scheme="title", catalog=catalog)
