@@ -226,7 +226,8 @@ def test_trainer_promotes_an_adapter_the_inference_worker_serves_while_staying_r
 def test_sigkill_mid_stream_loses_no_example_and_counts_none_twice(make_settings: Any, tmp_path: Path) -> None:
     """Only the train worker, no catalog (so no increment runs): every distinct valid event that has
     an earlier event before it ends up as exactly one example across a SIGKILL and a restart."""
-    settings = make_settings(online={"min_new_examples": 1_000_000, "horizon_s": 1e7})
+    # No increment runs here, but the worker checks its base at start: tiny needs no model hub.
+    settings = make_settings(online={"min_new_examples": 1_000_000, "horizon_s": 1e7}, model={"base": "tiny"})
     create_topics(settings.kafka, settings.topics)
     topics = settings.topics
     users = 40
