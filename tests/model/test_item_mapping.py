@@ -72,6 +72,9 @@ def test_workers_that_received_new_items_in_different_orders_serve_the_trainers_
     one = worker(tmp_path, settings, "one", [CATALOG_ITEMS, NEW])
     two = worker(tmp_path, settings, "two", [CATALOG_ITEMS, NEW[:1:-1][:2], NEW[3::-1]])
     for w in (one, two):
+        # Before an artifact names them, new items have no token and are never recommended.
+        assert w.recommender is not None and not set(w.recommender.item_tokens) & {i.item_id for i in NEW}
+        assert set(w.recommender.trie_items) == {i.item_id for i in CATALOG_ITEMS}
         w.apply_adapter(announcement)
     trainer = Recommender.load(str(registry.path(result.manifest.version)), "cpu", catalog=trainer_catalog)
 
@@ -86,3 +89,14 @@ def test_workers_that_received_new_items_in_different_orders_serve_the_trainers_
             np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-5)
         lists = [[s.item_id for s in lst] for lst in rec.recommend(REQUESTS, k=10)]
         assert lists == [[s.item_id for s in lst] for lst in trainer.recommend(REQUESTS, k=10)]
+
+    # The next increment continues the adapter with its mapping. An item published since cannot join
+    # a vocabulary the adapter's rows fix: it waits, and the increment still runs and is served alike.
+    later = Catalog([*trainer_catalog, CatalogItem(item_id="m0", title="latecomer", category="stuff")])
+    again = run_increment(settings, later, feedback(150, 500, seed=2, prefix="b"), None, registry, seed=1)
+    assert again.manifest is not None, again.decision.reason
+    for w in (one, two):
+        w.set_catalog(later, later.fingerprint())
+        w.apply_adapter(registry.announcement(again.manifest))
+        assert w.recommender is not None and w.recommender.item_tokens == reference
+        assert "m0" not in w.recommender.trie_items
