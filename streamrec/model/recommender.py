@@ -527,29 +527,32 @@ class Recommender:
         return add or None
 
     def _apply_item_tokens(self, items: Sequence[str]) -> Any:
-        """Give `items` their tokens (the next ids); returns what `_undo_item_tokens` puts back."""
-        model = self.model
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        own_head = head is not None and head.weight.data_ptr() != emb.weight.data_ptr()
-        saved = (
-            copy.deepcopy(self.tokenizer),
-            emb.weight.detach().clone(),
-            head.weight.detach().clone() if own_head else None,
-        )
+        """Give `items` their tokens (the next ids); returns what `_undo_item_tokens` puts back: the
+        tokenizer, the embedding modules and their weights (a resize replaces them, and re-ties the
+        head; spare rows are overwritten in place), the config's vocabulary size and the tied keys."""
+        t5 = _base_t5(self.model)
+        modules = [
+            (name, m, m.weight, m.weight.detach().clone())
+            for name, m in t5.named_modules(remove_duplicate=False)
+            if isinstance(m, torch.nn.Embedding) or m is t5.get_output_embeddings()
+        ]
+        tied = copy.copy(t5.__dict__.get("all_tied_weights_keys"))
+        saved = (copy.deepcopy(self.tokenizer), modules, t5.config.vocab_size, tied)
         self._add_item_tokens([item_token(i) for i in items])
         return saved
 
     def _undo_item_tokens(self, saved: Any) -> None:
-        tokenizer, emb_rows, head_rows = saved
-        model = self.model
-        if model.get_input_embeddings().weight.shape[0] != emb_rows.shape[0]:
-            model.resize_token_embeddings(emb_rows.shape[0], mean_resizing=False)
-            if head_rows is not None:
-                _untie_output_head(model, head_rows, head_rows.shape[0])
+        tokenizer, modules, vocab_size, tied = saved
+        t5 = _base_t5(self.model)
         with torch.no_grad():
-            model.get_input_embeddings().weight.copy_(emb_rows)
-            if head_rows is not None:
-                model.get_output_embeddings().weight.copy_(head_rows)
+            for name, module, weight, rows in modules:
+                parent, _, attr = name.rpartition(".")
+                setattr(t5.get_submodule(parent), attr, module)
+                module.weight = weight
+                weight.data = rows  # a resize may have swapped the parameter's data in place
+        t5.config.vocab_size = vocab_size
+        if tied is not None:
+            t5.all_tied_weights_keys = tied
         self.tokenizer = tokenizer
 
     @property
