@@ -204,6 +204,8 @@ class Recommender:
         self.dtype = resolve_dtype(dtype, device)
         self.model = model.to(device=device, dtype=torch.float32 if train else self.dtype).eval()
         self.tokenizer = tokenizer
+        # The ids the checkpoint's own tokenizer names, the same in every process that loads it.
+        self.base_vocab = len(tokenizer)
         # Over-long instructions lose their oldest history items, never the newest or the question.
         self.tokenizer.truncation_side = "left"
         # bf16 autocast on CUDA when that is the compute dtype; the CPU never autocasts.
@@ -512,11 +514,15 @@ class Recommender:
             return None
         path = Path(adapter_dir) / ITEM_TOKENS_FILE
         if not path.is_file():
+            # Made before adapters carried their mapping: its item rows are placed right only when
+            # they are all the base checkpoint's own tokens.
             cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-            if cfg.get("trainable_token_indices"):
+            rows = cfg.get("trainable_token_indices") or []
+            ids = [int(t) for ts in rows.values() for t in ts] if isinstance(rows, dict) else [int(t) for t in rows]
+            if any(t >= self.base_vocab for t in ids):
                 raise ModelError(
-                    f"adapter {adapter_dir!r} trains item rows but has no {ITEM_TOKENS_FILE}: which item each row "
-                    "belongs to is unknown. Train and register it again with this version of streamrec"
+                    f"adapter {adapter_dir!r} trains rows of items new to the base model but has no "
+                    f"{ITEM_TOKENS_FILE}: which item each row belongs to is unknown. Train and register it again"
                 )
             return None
         try:

@@ -245,9 +245,14 @@ def test_an_adapter_whose_item_mapping_does_not_extend_the_served_one_is_refused
         src = serving.source(name)
         (src / ITEM_TOKENS_FILE).write_text(json.dumps(edited))
         assert serving.refused(serving.register(src)) == "load", name
-    # Trained item rows without a mapping: which item each belongs to is unknown.
+    # Without a mapping (made before adapters had one), rows of items new to the base are refused:
+    # which item each belongs to is unknown.
     src = serving.source("unmapped")
     (src / ITEM_TOKENS_FILE).unlink()
+    config = json.loads((src / CONFIG).read_text())
+    rows = config["trainable_token_indices"]
+    assert isinstance(rows, list)  # the tiny model: its head is its input embedding
+    (src / CONFIG).write_text(json.dumps(config | {"trainable_token_indices": [*rows, max(mapping.values()) + 1]}))
     assert serving.refused(serving.register(src)) == "load"
     # A mapping that brings a new item, on weights that do not load: the token it added is taken out.
     rec = serving.worker.recommender
@@ -258,6 +263,8 @@ def test_an_adapter_whose_item_mapping_does_not_extend_the_served_one_is_refused
     (src / WEIGHTS).write_bytes(b"\x00" * 64 + b"not a safetensors file")
     assert serving.refused(serving.register(src)) == "load"
     assert len(rec.tokenizer) == size and "n-new" not in rec.item_tokens
-    src = serving.source("mapped")
+    # Rows of the base model's own tokens only: served, mapping or not.
+    src = serving.source("legacy")
+    (src / ITEM_TOKENS_FILE).unlink()
     rewritten_weights(src / WEIGHTS)
     serving.serve(serving.register(src))
