@@ -89,6 +89,42 @@ def item_token(item_id: str) -> str:
     return f"<item_{item_id}>"
 
 
+ITEM_TOKEN_PREFIX, ITEM_TOKEN_SUFFIX = "<item_", ">"
+
+
+def item_of_token(token: str) -> str | None:
+    """The item an `item_token` names, or None for any other token."""
+    if token.startswith(ITEM_TOKEN_PREFIX) and token.endswith(ITEM_TOKEN_SUFFIX) and len(token) > 7:
+        return token[len(ITEM_TOKEN_PREFIX) : -len(ITEM_TOKEN_SUFFIX)]
+    return None
+
+
+def item_tokens_to_add(have: Mapping[str, int], size: int, wanted: Mapping[str, int], source: str) -> list[str]:
+    """The items to give tokens, in id order, so that a tokenizer whose item tokens are `have` and
+    whose next id is `size` maps items exactly as `wanted` (an artifact's mapping, item -> token id).
+    The artifact must extend what is served: every item served keeps its id, and its new items take
+    the next ids, one after the other. Anything else would put trained rows on other items: ModelError."""
+    moved = sorted(i for i, t in have.items() if wanted.get(i, t) != t)
+    lacking = sorted(i for i in have if i not in wanted)
+    if moved or lacking:
+        detail = f"{len(moved)} item(s) with other token ids (e.g. {moved[:3]})" if moved else ""
+        if lacking:
+            detail += f"{'; ' if detail else ''}{len(lacking)} served item(s) it does not map (e.g. {lacking[:3]})"
+        raise ModelError(
+            f"{source}: its item mapping does not extend the one in service: {detail}. Its item rows would land "
+            "on other items; serve an artifact trained from the mapping in service, or restart the worker "
+            "(it then starts from the base model's mapping)"
+        )
+    new = sorted((t, i) for i, t in wanted.items() if i not in have)
+    expected = list(range(size, size + len(new)))
+    if [t for t, _ in new] != expected:
+        raise ModelError(
+            f"{source}: its new items' token ids {[t for t, _ in new][:5]}... are not the next ids of the model "
+            f"in service ({size}..): it was made from another base model or vocabulary"
+        )
+    return [i for _, i in new]
+
+
 def identifiers(catalog: Catalog, scheme: SchemeName) -> dict[str, str]:
     """The text that names each catalog item to the model, unique per item.
 

@@ -54,11 +54,12 @@ def tiny_dir(settings: Settings) -> Path:
     return settings.data_dir / "models" / TINY
 
 
-def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
+def load_recommender(settings: Settings, catalog: Catalog, *, extend_items: bool = True) -> Recommender:
     """The configured model over `catalog`: a hub id or directory, or `tiny` (the trained tiny
     model under the data dir when there is one, else an untrained one built for this catalog, sized
     by the training settings). The templates file, when set, replaces the model directory's copy;
-    beams, length penalty and batch size become the model's defaults."""
+    beams, length penalty and batch size become the model's defaults. `extend_items`: whether catalog
+    items new to the model get a token here (the trainer's role; see `Recommender.extends_items`)."""
     from streamrec.instructions import Instructions
     from streamrec.model.recommender import Recommender, TinyConfig
 
@@ -75,6 +76,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
             rec = Recommender.build_tiny(catalog, instructions, config=tiny, device=cfg.device, dtype=cfg.dtype)
             rec.task, rec.num_beams, rec.batch_size = cfg.task, cfg.num_beams, cfg.batch_size
             rec.length_penalty, rec.exact_search = cfg.length_penalty, cfg.exact_search
+            rec.extends_items = extend_items
             return rec
         base, scheme = str(trained), None  # the trained tiny model's own scheme
     rec = Recommender.load(
@@ -88,6 +90,7 @@ def load_recommender(settings: Settings, catalog: Catalog) -> Recommender:
         num_beams=cfg.num_beams,
         batch_size=cfg.batch_size,
         dtype=cfg.dtype,
+        extend_items=extend_items,
     )
     rec.length_penalty, rec.exact_search = cfg.length_penalty, cfg.exact_search
     return rec
@@ -237,7 +240,9 @@ class Generator:
         self._catalog_key = key
         self._titles = {item.item_id: item.title for item in catalog}
         if self.recommender is None:
-            self.recommender = load_recommender(self.settings, catalog)
+            # Items new to the model wait for the artifact that names them: this worker's order of
+            # arrival is its own, and ids given here would not be the trainer's.
+            self.recommender = load_recommender(self.settings, catalog, extend_items=False)
             log.info("model loaded: %s", self.recommender.version)
             self._model_info()
         else:

@@ -214,8 +214,10 @@ def run_increment(
         train = target_transform(list(train))
     through = max((e.ts for e in split.train), default=None)
 
-    # The base model plus the adapter in service, trainable: the increment continues from it.
-    rec = load_recommender(settings, catalog)
+    # The base model plus the adapter in service, trainable: the increment continues from it, with its
+    # item mapping. Only a fresh adapter extends the mapping (items new to the model get the next ids,
+    # saved with it); over an adapter, later items wait, since its saved rows fix the vocabulary.
+    rec = load_recommender(settings, catalog, extend_items=False)
     current = registry.current()
     if current is not None and registry.verify(current):
         folder = registry.path(current.version)
@@ -224,6 +226,7 @@ def run_increment(
     elif current is not None:
         raise ModelError(f"adapter in service {current.version} fails its sha256 check; roll back first")
     else:
+        rec.set_catalog(catalog, extend=True)
         rec.add_lora(
             settings.train.lora_r, settings.train.lora_alpha, settings.train.lora_dropout, train_items=cfg.train_items
         )

@@ -5,11 +5,13 @@ transformers or peft; everything it decides with comes from the pure core."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import string
 import threading
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -34,7 +36,9 @@ from streamrec.catalog import (
     TrieNode,
     build_trie,
     identifiers,
+    item_of_token,
     item_token,
+    item_tokens_to_add,
 )
 from streamrec.errors import ModelError
 from streamrec.events import ModelVersion
@@ -48,6 +52,8 @@ hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 META_FILE = "streamrec.json"
 TEMPLATES_FILE = "instructions.toml"
+# {item_id: token_id} under `item_token`, beside a saved model and in each adapter (under its sha256).
+ITEM_TOKENS_FILE = "item_tokens.json"
 DEFAULT_TASK = "next_click"
 
 
@@ -198,6 +204,8 @@ class Recommender:
         self.dtype = resolve_dtype(dtype, device)
         self.model = model.to(device=device, dtype=torch.float32 if train else self.dtype).eval()
         self.tokenizer = tokenizer
+        # The ids the checkpoint's own tokenizer names, the same in every process that loads it.
+        self.base_vocab = len(tokenizer)
         # Over-long instructions lose their oldest history items, never the newest or the question.
         self.tokenizer.truncation_side = "left"
         # bf16 autocast on CUDA when that is the compute dtype; the CPU never autocasts.
@@ -218,6 +226,10 @@ class Recommender:
         # Complete each beam search into the exact top k (STREAMREC_MODEL__EXACT_SEARCH): see _complete.
         self.exact_search = False
         self.adapter_version: str | None = None
+        # Whether `set_catalog` gives items new to the tokenizer a token: the trainer's role. An
+        # inference worker leaves it off and takes new items' ids from the artifacts it serves, since
+        # its own order of arrival differs from the trainer's.
+        self.extends_items = True
         self._lock = threading.RLock()
         self.catalog = Catalog([])
         self.names: dict[str, str] = {}
@@ -304,6 +316,7 @@ class Recommender:
         batch_size: int = 64,
         dtype: str = "auto",
         train: bool = False,
+        extend_items: bool = True,
     ) -> Recommender:
         """A checkpoint by hub id or directory (safetensors weights only). A directory written by
         `save` brings its scheme, templates and catalog (`instructions` overrides its templates);
@@ -312,7 +325,9 @@ class Recommender:
         `recommend` and `item_log_probs`. An `adapter_config.json` in the directory is a LoRA
         increment: its base model is loaded first and the adapter put on top. `dtype`: what the
         model computes in (see `resolve_dtype`); the weights are cast to it, unless `train` (fp32
-        weights, autocast on CUDA). A checkpoint that cannot be had raises ModelError naming the fixes."""
+        weights, autocast on CUDA). `extend_items`: whether catalog items new to the model get a token
+        here (see `extends_items`); an adapter's own mapping is applied before any. A checkpoint that
+        cannot be had raises ModelError naming the fixes."""
         path = Path(path_or_id)
         if (path / "adapter_config.json").is_file():
             cfg = json.loads((path / "adapter_config.json").read_text())
@@ -326,11 +341,13 @@ class Recommender:
                 batch_size=batch_size,
                 dtype=dtype,
                 train=train,
+                extend_items=False,
             )
             if catalog is not None:
                 rec.set_catalog(catalog)
             own = Blend.load(str(path / BLEND)) if use_blend and (path / BLEND).is_file() else None
             rec.load_adapter(str(path), version=path.name, blend=own)
+            rec.extends_items = extend_items
             return rec
         meta: dict[str, Any] = {}
         if (path / META_FILE).is_file():
@@ -357,6 +374,7 @@ class Recommender:
             dtype=dtype,
             train=train,
         )
+        rec.extends_items = extend_items
         if catalog is None and (path / "catalog.jsonl").is_file():
             from streamrec.events import CatalogItem
 
@@ -377,6 +395,7 @@ class Recommender:
         self.tokenizer.save_pretrained(out)
         meta = {"scheme": self.scheme, "base": self.base, "max_input_tokens": self.max_input_tokens}
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        self.save_item_tokens(out)
         src = self.instructions.source or DEFAULT_TEMPLATES
         if Path(src).resolve() != (out / TEMPLATES_FILE).resolve():
             shutil.copyfile(src, out / TEMPLATES_FILE)
@@ -406,19 +425,29 @@ class Recommender:
 
     # ---------------------------------------------------------------- catalog
 
-    def set_catalog(self, catalog: Catalog) -> None:
+    def set_catalog(self, catalog: Catalog, *, extend: bool | None = None) -> None:
         """Use this catalog from the next batch on: rebuilds the trie over its available items. Under
-        the `item_token` scheme, items new to the tokenizer get a token (an untrained embedding)."""
+        the `item_token` scheme, items new to the tokenizer get a token (an untrained embedding) when
+        this model `extends_items` and wears no adapter yet (peft's wrappers fix the vocabulary's
+        size); otherwise they stay out of the trie, never recommended, until a model or adapter whose
+        mapping names them is loaded: an id chosen here would be this process's own. `extend`
+        overrides `extends_items` for this call."""
         with self._lock:
+            servable = catalog
             if self.scheme == "item_token":
-                vocab = self.tokenizer.get_vocab()
-                missing = [item_token(i) for i in catalog.ids if item_token(i) not in vocab]
-                if missing:
-                    self._add_item_tokens(missing)
+                known = self.item_tokens
+                missing = sorted(i for i in catalog.ids if i not in known)
+                extend = self.extends_items if extend is None else extend
+                if missing and extend and not hasattr(self.model, "peft_config"):
+                    # In id order, not the mirror's arrival order: two trainers extending one
+                    # mapping with one catalog agree.
+                    self._add_item_tokens([item_token(i) for i in missing])
+                elif missing:
+                    servable = Catalog(item for item in catalog if item.item_id in known)
             self.catalog = catalog
             self.names = identifiers(catalog, self.scheme)
             self.texts = item_texts(catalog)
-            self.trie = build_trie(catalog, self.scheme, self.encode_target)
+            self.trie = build_trie(servable, self.scheme, self.encode_target)
             # When every identifier is one token followed by EOS, the first decoding step already
             # ranks whole items exactly, so `recommend` can read all scores from one step.
             eos = self.tokenizer.eos_token_id
@@ -452,11 +481,87 @@ class Recommender:
                 _untie_output_head(model, kept, len(self.tokenizer))
                 head = model.get_output_embeddings()
         with torch.no_grad():
-            for matrix in [emb.weight] + ([head.weight] if own_head else []):
+            for m, matrix in enumerate([emb.weight] + ([head.weight] if own_head else [])):
                 text = matrix[:known]
                 spread = text.std(dim=0, keepdim=True) * 0.1
-                noise = torch.randn((len(new), matrix.shape[1]), dtype=matrix.dtype, device=matrix.device)
-                matrix[new] = text.mean(dim=0, keepdim=True) + spread * noise
+                # Noise drawn from the token itself, not the process's random state: every process
+                # that gives one item a row gives it the same row.
+                noise = torch.stack([_token_noise(t, m, matrix.shape[1]) for t in tokens])
+                matrix[new] = text.mean(dim=0, keepdim=True) + spread * noise.to(matrix.dtype).to(matrix.device)
+
+    # ---------------------------------------------------------------- the item mapping
+
+    @property
+    def item_tokens(self) -> dict[str, int]:
+        """Under `item_token`: each item that has a token, with its id (the tokenizer is the mapping)."""
+        if self.scheme != "item_token":
+            return {}
+        out: dict[str, int] = {}
+        for token, token_id in self.tokenizer.get_added_vocab().items():
+            if (item := item_of_token(token)) is not None:
+                out[item] = int(token_id)
+        return out
+
+    def save_item_tokens(self, out_dir: str | Path) -> None:
+        """Write the item mapping beside a model or adapter (`item_token` scheme only)."""
+        if self.scheme == "item_token":
+            mapping = dict(sorted(self.item_tokens.items(), key=lambda kv: kv[1]))
+            (Path(out_dir) / ITEM_TOKENS_FILE).write_text(json.dumps(mapping, indent=0))
+
+    def _adapter_item_tokens(self, adapter_dir: str) -> list[str] | None:
+        """The items an adapter's mapping brings (to add, in id order), once it is known to extend
+        the mapping in service; None when nothing is to add. Raises ModelError, changing nothing,
+        when the mapping conflicts or is missing from an adapter that carries item rows."""
+        if self.scheme != "item_token":
+            return None
+        path = Path(adapter_dir) / ITEM_TOKENS_FILE
+        if not path.is_file():
+            # Made before adapters carried their mapping: its item rows are placed right only when
+            # they are all the base checkpoint's own tokens.
+            cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+            rows = cfg.get("trainable_token_indices") or []
+            ids = [int(t) for ts in rows.values() for t in ts] if isinstance(rows, dict) else [int(t) for t in rows]
+            if any(t >= self.base_vocab for t in ids):
+                raise ModelError(
+                    f"adapter {adapter_dir!r} trains rows of items new to the base model but has no "
+                    f"{ITEM_TOKENS_FILE}: which item each row belongs to is unknown. Train and register it again"
+                )
+            return None
+        try:
+            wanted = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ModelError(f"adapter {adapter_dir!r}: unreadable {ITEM_TOKENS_FILE}: {exc}") from exc
+        add = item_tokens_to_add(self.item_tokens, len(self.tokenizer), wanted, f"adapter {adapter_dir!r}")
+        return add or None
+
+    def _apply_item_tokens(self, items: Sequence[str]) -> Any:
+        """Give `items` their tokens (the next ids); returns what `_undo_item_tokens` puts back: the
+        tokenizer, the embedding modules and their weights (a resize replaces them, and re-ties the
+        head; spare rows are overwritten in place), the config's vocabulary size and the tied keys."""
+        t5 = _base_t5(self.model)
+        modules = [
+            (name, m, m.weight, m.weight.detach().clone())
+            for name, m in t5.named_modules(remove_duplicate=False)
+            if isinstance(m, torch.nn.Embedding) or m is t5.get_output_embeddings()
+        ]
+        tied = copy.copy(t5.__dict__.get("all_tied_weights_keys"))
+        saved = (copy.deepcopy(self.tokenizer), modules, t5.config.vocab_size, tied)
+        self._add_item_tokens([item_token(i) for i in items])
+        return saved
+
+    def _undo_item_tokens(self, saved: Any) -> None:
+        tokenizer, modules, vocab_size, tied = saved
+        t5 = _base_t5(self.model)
+        with torch.no_grad():
+            for name, module, weight, rows in modules:
+                parent, _, attr = name.rpartition(".")
+                setattr(t5.get_submodule(parent), attr, module)
+                module.weight = weight
+                weight.data = rows  # a resize may have swapped the parameter's data in place
+        t5.config.vocab_size = vocab_size
+        if tied is not None:
+            t5.all_tied_weights_keys = tied
+        self.tokenizer = tokenizer
 
     @property
     def start_token_id(self) -> int:
@@ -479,10 +584,32 @@ class Recommender:
         finish and the next batch waits for the swap, so no batch ever mixes two adapters; the pause
         is the time to read the (small) adapter weights. A failed load raises ModelError and leaves
         the model exactly as it was: peft injects an adapter's layers before it reads its weights,
-        so whatever it injected is taken out again."""
+        so whatever it injected is taken out again. Under `item_token` the adapter's item mapping
+        (ITEM_TOKENS_FILE) is served, never this process's: its new items get the ids it names, and one
+        that moves an item in service or is missing is refused."""
         from peft import PeftModel
 
         name = version or Path(adapter_dir).name
+        with self._lock:
+            if (add := self._adapter_item_tokens(adapter_dir)) is not None and isinstance(self.model, PeftModel):
+                # peft's wrappers hold the embedding: its size is fixed until the process restarts.
+                raise ModelError(
+                    f"cannot load adapter {adapter_dir!r}: it brings {len(add)} item(s) new to this worker (e.g. "
+                    f"{add[:3]}), which cannot join the model while an adapter is on it; restart the worker"
+                )
+            saved = self._apply_item_tokens(add) if add is not None else None
+            try:
+                self._load_adapter(adapter_dir, name, blend)
+            except ModelError:
+                if saved is not None:
+                    self._undo_item_tokens(saved)
+                raise
+            if add is not None:
+                self.set_catalog(self.catalog, extend=False)  # the items it brought are recommendable now
+
+    def _load_adapter(self, adapter_dir: str, name: str, blend: Blend | None) -> None:
+        from peft import PeftModel
+
         with self._lock, _peft_keeps_own_head(self.model):
             model = self.model
             wrapped = _peft_wrappers(model)
@@ -940,6 +1067,11 @@ class Recommender:
         the base model's): the next increment starts from the adapter in service, not from nothing."""
         from peft import PeftModel
 
+        with self._lock:
+            if (add := self._adapter_item_tokens(adapter_dir)) is not None:
+                # Its mapping before any id of this process's: the adapter's item rows are its items'.
+                self._apply_item_tokens(add)
+                self.set_catalog(self.catalog, extend=False)  # its rows would not fit the adapter's
         try:
             with self._lock, _peft_keeps_own_head(self.model):
                 self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=True)
@@ -950,10 +1082,12 @@ class Recommender:
             raise ModelError(f"cannot load adapter {adapter_dir!r} for training: {exc}") from exc
 
     def save_adapter(self, out_dir: str | Path) -> None:
-        """Write only the LoRA weights (adapter_config.json + adapter_model.safetensors)."""
+        """Write only the LoRA weights (adapter_config.json + adapter_model.safetensors) and, under
+        `item_token`, the item mapping they were trained with (ITEM_TOKENS_FILE)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(out)
+        self.save_item_tokens(out)
         self.adapter_version = out.name
 
     @property
@@ -982,6 +1116,12 @@ class Recommender:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
+
+
+def _token_noise(token: str, matrix: int, width: int) -> torch.Tensor:
+    """Unit normal noise that depends on the token (and which matrix) only."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{matrix}:{token}".encode()))
+    return torch.randn(width, generator=gen)
 
 
 def _base_t5(model: Any) -> Any:

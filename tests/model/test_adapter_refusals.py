@@ -30,6 +30,7 @@ torch = pytest.importorskip("torch")
 from test_online import CATALOG, feedback, make_settings  # noqa: E402
 
 from streamrec.generation import Generator, refusal_reason  # noqa: E402
+from streamrec.model.recommender import ITEM_TOKENS_FILE  # noqa: E402
 from streamrec.online import run_increment  # noqa: E402
 
 KEY = SecretStr("the trainer's and the workers' shared secret")
@@ -232,3 +233,38 @@ def test_an_adapter_that_fails_to_load_leaves_the_model_as_it_was(serving: Bench
     fresh = Bench(serving.tmp / "fresh", serving.base, serving.trained)
     clean = fresh.serve(fresh.register(src))
     assert np.array_equal(after.log_probs, clean.log_probs) and after.lists == clean.lists
+
+
+def test_an_adapter_whose_item_mapping_does_not_extend_the_served_one_is_refused(serving: Bench) -> None:
+    mapping = json.loads((serving.trained / ITEM_TOKENS_FILE).read_text())
+    first, second = list(mapping)[:2]
+    swapped = mapping | {first: mapping[second], second: mapping[first]}
+    gap = mapping | {"n-new": max(mapping.values()) + 5}  # not the next id: another vocabulary's
+    unknown = {k: v for k, v in mapping.items() if k != first}  # a served item it does not map
+    for name, edited in (("swapped", swapped), ("gap", gap), ("unknown", unknown)):
+        src = serving.source(name)
+        (src / ITEM_TOKENS_FILE).write_text(json.dumps(edited))
+        assert serving.refused(serving.register(src)) == "load", name
+    # Without a mapping (made before adapters had one), rows of items new to the base are refused:
+    # which item each belongs to is unknown.
+    src = serving.source("unmapped")
+    (src / ITEM_TOKENS_FILE).unlink()
+    config = json.loads((src / CONFIG).read_text())
+    rows = config["trainable_token_indices"]
+    assert isinstance(rows, list)  # the tiny model: its head is its input embedding
+    (src / CONFIG).write_text(json.dumps(config | {"trainable_token_indices": [*rows, max(mapping.values()) + 1]}))
+    assert serving.refused(serving.register(src)) == "load"
+    # A mapping that brings a new item, on weights that do not load: the token it added is taken out.
+    rec = serving.worker.recommender
+    assert rec is not None
+    size = len(rec.tokenizer)
+    src = serving.source("brings-one")
+    (src / ITEM_TOKENS_FILE).write_text(json.dumps(mapping | {"n-new": size}))
+    (src / WEIGHTS).write_bytes(b"\x00" * 64 + b"not a safetensors file")
+    assert serving.refused(serving.register(src)) == "load"
+    assert len(rec.tokenizer) == size and "n-new" not in rec.item_tokens
+    # Rows of the base model's own tokens only: served, mapping or not.
+    src = serving.source("legacy")
+    (src / ITEM_TOKENS_FILE).unlink()
+    rewritten_weights(src / WEIGHTS)
+    serving.serve(serving.register(src))

@@ -1,0 +1,102 @@
+"""Under the `item_token` scheme, which token id names which item is part of the model and of each
+adapter: the trainer alone gives new items ids, and every inference worker serves the adapter's
+mapping, whatever order its own catalog mirror received the items in (the catalog topic has several
+partitions, so that order differs from one process to the next)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from walks import CATALOG_ITEMS, walk
+
+from streamrec.catalog import Catalog, item_token
+from streamrec.events import CatalogItem
+from streamrec.instructions import HistoryItem, RecRequest
+from streamrec.registry import AdapterRegistry
+from streamrec.settings import Settings, registry_root
+
+pytestmark = pytest.mark.model
+pytest.importorskip("torch")
+
+from test_online import feedback, make_settings  # noqa: E402
+
+from streamrec.generation import Generator  # noqa: E402
+from streamrec.model.recommender import Recommender  # noqa: E402
+from streamrec.online import run_increment  # noqa: E402
+
+NEW = [CatalogItem(item_id=f"n{k}", title=f"novelty {k}", category="stuff") for k in range(6)]
+REQUESTS = [
+    RecRequest(tuple(HistoryItem(i) for i in h))
+    for h in (walk(0, 4), walk(13, 4), ["n0", "n1", "i3"], ["i20", "n5", "n4", "n2"])
+]
+
+
+def token_ids(rec: Any) -> dict[str, int]:
+    return {i: int(rec.tokenizer.convert_tokens_to_ids(item_token(i))) for i in rec.catalog.ids}
+
+
+def scores(rec: Any) -> list[dict[str, float]]:
+    """Each request's log P(item) by item id, so that two catalog orders compare."""
+    logp = rec.item_log_probs(REQUESTS)
+    return [dict(zip(rec.single_token_items, row.tolist(), strict=True)) for row in logp]
+
+
+def worker(tmp_path: Path, settings: Settings, name: str, arrivals: list[list[CatalogItem]]) -> Generator:
+    """An inference worker whose catalog mirror received `arrivals`, one catalog refresh each."""
+    gen = Generator(settings.model_copy(update={"data_dir": tmp_path / name, "registry_dir": registry_root(settings)}))
+    seen: list[CatalogItem] = []
+    for batch in arrivals:
+        seen += batch
+        gen.set_catalog(Catalog(seen), (len(seen), hash(tuple(i.item_id for i in seen))))
+    return gen
+
+
+def test_workers_that_received_new_items_in_different_orders_serve_the_trainers_adapter_alike(
+    tmp_path: Path, walk_model: Path
+) -> None:
+    """Two loads in one process stand for two inference workers: each Generator loads the base model
+    from disk and keeps its own tokenizer and embeddings, which is all the mapping depends on. A third
+    load (the adapter directory over the trainer's catalog) is the trainer's view."""
+    settings = make_settings(tmp_path / "trainer", walk_model)
+    registry = AdapterRegistry(registry_root(settings))
+    trainer_catalog = Catalog([*CATALOG_ITEMS, *NEW])
+    result = run_increment(settings, trainer_catalog, feedback(150, 0, seed=1, prefix="a"), None, registry)
+    assert result.manifest is not None, result.decision.reason
+    announcement = registry.announcement(result.manifest)
+
+    # One worker gets the new items in the trainer's order; the other first sees two of them, later
+    # the rest, from partitions that came in the other way round.
+    one = worker(tmp_path, settings, "one", [CATALOG_ITEMS, NEW])
+    two = worker(tmp_path, settings, "two", [CATALOG_ITEMS, NEW[:1:-1][:2], NEW[3::-1]])
+    for w in (one, two):
+        # Before an artifact names them, new items have no token and are never recommended.
+        assert w.recommender is not None and not set(w.recommender.item_tokens) & {i.item_id for i in NEW}
+        assert set(w.recommender.trie_items) == {i.item_id for i in CATALOG_ITEMS}
+        w.apply_adapter(announcement)
+    trainer = Recommender.load(str(registry.path(result.manifest.version)), "cpu", catalog=trainer_catalog)
+
+    reference = token_ids(trainer)
+    assert len(set(reference.values())) == len(reference)
+    for w in (one, two):
+        rec = w.recommender
+        assert rec is not None and set(rec.trie_items) == set(trainer_catalog.ids)
+        assert token_ids(rec) == reference
+        for got, want in zip(scores(rec), scores(trainer), strict=True):
+            assert got.keys() == want.keys()
+            np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-5)
+        lists = [[s.item_id for s in lst] for lst in rec.recommend(REQUESTS, k=10)]
+        assert lists == [[s.item_id for s in lst] for lst in trainer.recommend(REQUESTS, k=10)]
+
+    # The next increment continues the adapter with its mapping. An item published since cannot join
+    # a vocabulary the adapter's rows fix: it waits, and the increment still runs and is served alike.
+    later = Catalog([*trainer_catalog, CatalogItem(item_id="m0", title="latecomer", category="stuff")])
+    again = run_increment(settings, later, feedback(150, 500, seed=2, prefix="b"), None, registry, seed=1)
+    assert again.manifest is not None, again.decision.reason
+    for w in (one, two):
+        w.set_catalog(later, later.fingerprint())
+        w.apply_adapter(registry.announcement(again.manifest))
+        assert w.recommender is not None and w.recommender.item_tokens == reference
+        assert "m0" not in w.recommender.trie_items
