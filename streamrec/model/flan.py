@@ -21,6 +21,19 @@ log = logging.getLogger(__name__)
 # transformers 5 draws a progress bar for every save and load.
 hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
+# What makes a T5 a v1.1 / Flan one, whatever its size: gated-gelu, its own output head, T5's ids.
+T5_V1_1: dict[str, Any] = {
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "tie_word_embeddings": False,
+    "dropout_rate": 0.1,
+    "layer_norm_epsilon": 1e-6,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "decoder_start_token_id": 0,
+}
+
 # google/flan-t5-small's config.json, the dimensions that decide speed. Its tokenizer has 32,100
 # tokens (32,000 SentencePiece pieces and 100 <extra_id_N>); the embedding is padded to 32,128.
 FLAN_T5_SMALL: dict[str, Any] = {
@@ -31,15 +44,7 @@ FLAN_T5_SMALL: dict[str, Any] = {
     "num_layers": 8,
     "num_decoder_layers": 8,
     "num_heads": 6,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "tie_word_embeddings": False,
-    "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-6,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
+    **T5_V1_1,
 }
 FLAN_T5_SMALL_TOKENIZER = 32100
 
@@ -53,15 +58,7 @@ SMALL_FLAN: dict[str, Any] = {
     "num_layers": 2,
     "num_decoder_layers": 2,
     "num_heads": 4,
-    "feed_forward_proj": "gated-gelu",
-    "relative_attention_num_buckets": 32,
-    "relative_attention_max_distance": 128,
-    "tie_word_embeddings": False,
-    "dropout_rate": 0.1,
-    "layer_norm_epsilon": 1e-6,
-    "pad_token_id": 0,
-    "eos_token_id": 1,
-    "decoder_start_token_id": 0,
+    **T5_V1_1,
 }
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: T5's order
@@ -155,8 +152,8 @@ def build_flan_checkpoint(
     if rows < size:
         raise ValueError(f"config vocab_size {rows} is smaller than the tokenizer ({size} tokens)")
     # T5 v1.1: gated-gelu feed-forward, input and output embeddings apart (not scaled by d_model).
-    dims |= {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
-    dims |= {"pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+    forced = ("feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id", "decoder_start_token_id")
+    dims |= {key: T5_V1_1[key] for key in forced}
     torch.manual_seed(seed)
     model = T5ForConditionalGeneration(T5Config(vocab_size=rows, **dims))
     untie_lm_head(model)

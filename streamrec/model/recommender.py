@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -790,23 +791,17 @@ class Recommender:
             out.append([ScoredItem(items[at[n]], float(row[n])) for n in top])
         return out
 
-    def item_probs(self, requests: Sequence[RecRequest], blend: Blend | None = None) -> npt.NDArray[np.float32]:
+    def item_probs(self, requests: Sequence[RecRequest], blend: Blend) -> npt.NDArray[np.float32]:
         """P(item | instruction) under the model alone, one row per request and a column per
-        `trie_items` item: for choosing the blend's weights. Under a multi-token scheme only the
-        items `blend` would rank are scored (the beam's and the signals' top items), the others 0."""
+        `trie_items` item: for choosing `blend`'s weights. Under a multi-token scheme only the items
+        the blend would rank are scored (the beam's and the signals' top items), the others 0."""
         with self._lock:
             if self._single:
                 return np.exp(self.item_log_probs(requests))
             out = np.zeros((len(requests), len(self.trie)), dtype=np.float32)
-            beams = self.num_beams or 10
             for b in range(0, len(requests), self.batch_size):
                 chunk = requests[b : b + self.batch_size]
-                found = self._beam_search(chunk, 10, beams)
-                if blend is None:
-                    col = {item: n for n, item in enumerate(self.trie_items)}
-                    for r, f in enumerate(found):
-                        out[b + r, [col[i] for i in f]] = np.exp(list(f.values()))
-                    continue
+                found = self._beam_search(chunk, 10, self.num_beams or 10)
                 for r, (at, logp, _, _) in enumerate(self._candidates(chunk, found, blend)):
                     out[b + r, at] = np.exp(logp)
             return out
@@ -896,14 +891,9 @@ class Recommender:
                 break
             score = np.array([logp[b].get(t, 0.0) for b, t in zip(parent, token, strict=True)]) + beam_score[parent]
             nxt: list[int] = []  # candidates kept as live beams, grouped by request
-            lo = 0
-            while lo < len(parent):
-                r = beam_req[parent[lo]]
-                hi = lo
-                while hi < len(parent) and beam_req[parent[hi]] == r:
-                    hi += 1
+            for r, group in groupby(range(len(parent)), key=lambda n: beam_req[parent[n]]):
                 live = []
-                for n in range(lo, hi):
+                for n in group:
                     item = child[n].item_id or trie.sole_item(child[n])
                     if item is None:
                         live.append(n)
@@ -918,7 +908,6 @@ class Recommender:
                     kth = sorted(done[r].values(), reverse=True)[k - 1]
                     order = [n for n in order if score[n] > kth]
                 nxt.extend(order)
-                lo = hi
             if not nxt:
                 break
             keep = torch.tensor([parent[n] for n in nxt], device=self.device)
@@ -976,6 +965,16 @@ class Recommender:
         for m, (n, ks) in enumerate(zip(branch, kids, strict=True)):
             out[n] = dict(zip(ks, values[m, : len(ks)].tolist(), strict=True))
         return out
+
+    def exhaustive(self, requests: Sequence[RecRequest], k: int) -> list[list[str]]:
+        """The top k of every allowed item's whole identifier scored by teacher forcing, ranked as
+        `recommend` ranks (length penalty included): what the beam search is checked against."""
+        cands = [[i for i in self.trie_items if i not in r.exclude] for r in requests]
+        scored = self.sequence_log_probs(requests, cands)
+        return [
+            [s.item_id for s in self._ranked(dict(zip(c, lp.tolist(), strict=True)), k)]
+            for c, lp in zip(cands, scored, strict=True)
+        ]
 
     @torch.inference_mode()
     def sequence_log_probs(

@@ -68,16 +68,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Recommender, list
     return rec, requests_for(split, "test", sorted(split.test))
 
 
-def _exhaustive(rec: Recommender, requests: list[RecRequest], k: int, alpha: float = 0.0) -> list[list[str]]:
-    """The top k of every allowed item's whole identifier, scored by teacher forcing."""
-    cands = [[i for i in rec.trie_items if i not in r.exclude] for r in requests]
-    out = []
-    for c, lp in zip(cands, rec.sequence_log_probs(requests, cands), strict=True):
-        score = lp / np.array([len(rec.trie.path(i)) for i in c]) ** alpha
-        out.append([c[n] for n in np.argsort(-score, kind="stable")[:k]])
-    return out
-
-
 def _ids(lists: list[list[object]]) -> list[list[str]]:
     return [[s.item_id for s in lst] for lst in lists]  # type: ignore[attr-defined]
 
@@ -86,7 +76,7 @@ def test_the_beam_search_returns_the_exhaustive_top_k(trained: tuple[Recommender
     rec, requests = trained
     assert rec.trie.max_len >= 6  # identifiers of several tokens, sharing prefixes
     beams = _ids(rec.recommend(requests, k=10, blend=False))  # the default: 10 beams
-    exact = _exhaustive(rec, requests, 10)
+    exact = rec.exhaustive(requests, 10)
     same = sum(a == b for a, b in zip(beams, exact, strict=True)) / len(requests)
     assert len(requests) == 120 and same >= 0.99
 
@@ -122,7 +112,7 @@ def test_an_untrained_model_and_a_length_penalty_still_give_the_exhaustive_lists
     for alpha in (0.0, 1.0):
         rec.length_penalty = alpha
         beams = _ids(rec.recommend(requests, k=10))
-        exact = _exhaustive(rec, requests, 10, alpha)
+        exact = rec.exhaustive(requests, 10)
         assert sum(a == b for a, b in zip(beams, exact, strict=True)) >= 99, alpha
         for req, lst in zip(requests, beams, strict=True):
             assert not set(lst) & req.exclude and len(set(lst)) == 10
@@ -187,7 +177,7 @@ def test_the_exact_search_setting_gives_the_exhaustive_lists_even_with_two_beams
     for _ in range(30):
         hist = [HistoryItem(rng.choice(CATALOG.ids)) for _ in range(rng.randint(0, 6))]
         requests.append(RecRequest(tuple(hist), frozenset(h.item_id for h in hist[:3])))
-    exact = _exhaustive(rec, requests, 10)
+    exact = rec.exhaustive(requests, 10)
     narrow = _ids(rec.recommend(requests, k=10, num_beams=2))
     assert sum(a == b for a, b in zip(narrow, exact, strict=True)) < 30  # two beams alone miss items
     rec.exact_search = True

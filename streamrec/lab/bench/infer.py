@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from streamrec.catalog import Catalog, ScoredItem
@@ -77,15 +76,9 @@ def _timed(fn: Callable[[], list[list[ScoredItem]]]) -> tuple[float, list[list[S
 
 
 def exhaustive_agreement(rec: Recommender, requests: Sequence[RecRequest], lists: Sequence[list[ScoredItem]]) -> float:
-    """The share of `requests` whose list equals the exhaustive constrained search's: every allowed
-    item's whole identifier scored by teacher forcing, the top K taken."""
-    cands = [[i for i in rec.trie_items if i not in r.exclude] for r in requests]
-    same = 0
-    for lst, c, lp in zip(lists, cands, rec.sequence_log_probs(requests, cands), strict=True):
-        alpha = rec.length_penalty
-        score = lp / np.array([len(rec.trie.path(i)) for i in c]) ** alpha if alpha else lp
-        same += [s.item_id for s in lst] == [c[n] for n in np.argsort(-score, kind="stable")[:K]]
-    return same / max(len(requests), 1)
+    """The share of `requests` whose list equals the exhaustive constrained search's."""
+    exact = rec.exhaustive(requests, K)
+    return sum([s.item_id for s in lst] == e for lst, e in zip(lists, exact, strict=True)) / max(len(requests), 1)
 
 
 def measure(
