@@ -4,7 +4,7 @@ replay itself (broker, workers, pacing) lives in replay.py."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,10 +87,26 @@ def summarize(outcomes: Sequence[Outcome], k: int = K) -> dict[str, Any]:
     }
 
 
-def report(outcomes: Sequence[Outcome], windows: int) -> dict[str, Any]:
-    """The run's figures: first and second half of the replayed stream, each window, and all."""
+def by_item_age(outcomes: Sequence[Outcome], old: Collection[str], k: int = K) -> dict[str, Any]:
+    """HR@k apart for events on items the bootstrap never saw (`new_items`) and on the others: how
+    soon the stack learns to name what the catalog gains while it runs."""
+    out: dict[str, Any] = {}
+    for part, on_old in (("new_items", False), ("old_items", True)):
+        mine = [o for o in outcomes if (o.target in old) is on_old]
+        s = summarize(mine, k)
+        out[part] = {"events": len(mine), f"HR@{k}": s[f"HR@{k}"], "scored": s["scored"]}
+    return out
+
+
+def report(outcomes: Sequence[Outcome], windows: int, old_items: Collection[str] | None = None) -> dict[str, Any]:
+    """The run's figures: first and second half of the replayed stream, each window, and all. With
+    `old_items` (the items of the bootstrap part), the second half also says how events on new items
+    fared against the rest."""
     ordered = sorted(outcomes, key=lambda o: o.index)
     half = len(ordered) // 2
+    second = summarize(ordered[half:])
+    if old_items is not None:
+        second |= by_item_age(ordered[half:], old_items)
     adapters: dict[str, int] = {}
     for o in ordered:
         if o.recommended is not None:
@@ -99,7 +115,7 @@ def report(outcomes: Sequence[Outcome], windows: int) -> dict[str, Any]:
     return {
         "all": summarize(ordered),
         "first_half": summarize(ordered[:half]),
-        "second_half": summarize(ordered[half:]),
+        "second_half": second,
         "windows": [{"window": w, **summarize([o for o in ordered if o.window == w])} for w in range(windows)],
         "served_by": adapters,
     }

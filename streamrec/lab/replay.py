@@ -289,7 +289,7 @@ def run_mode(
             shutil.copytree(settings.data_dir / "logs", keep, dirs_exist_ok=True)
             if increments_path(settings).is_file():
                 shutil.copy(increments_path(settings), keep)
-    result = report(outcomes, len(the_plan.windows))
+    result = report(outcomes, len(the_plan.windows), {e.item_id for e in the_plan.bootstrap})
     result |= {
         "seconds": round(time.monotonic() - started, 1),
         "waited_for_trainer_s": round(pace.waited, 1) if pace is not None else 0.0,

@@ -68,3 +68,18 @@ def test_summary_scores_only_events_with_a_list_and_counts_the_rest() -> None:
     assert r["second_half"]["HR@10"] == pytest.approx(1.0) and r["second_half"]["no_recommendation"] == 1
     assert [w["scored"] for w in r["windows"]] == [2, 1]
     assert r["served_by"] == {"base": 2, "v0001": 1}
+
+
+def test_second_half_splits_events_on_items_new_since_the_bootstrap_from_the_rest() -> None:
+    outcomes = [
+        Outcome(0, 0, "a", ("a",)),
+        Outcome(1, 0, "n", ("a",)),
+        Outcome(2, 1, "n", ("n", "a")),  # a new item, hit
+        Outcome(3, 1, "m", ("n", "a")),  # a new item, missed
+        Outcome(4, 1, "a", ("n",)),  # an old item, missed
+        Outcome(5, 1, "m", None),  # a new item, no list yet: counted, not scored
+    ]
+    second = report(outcomes, 2, old_items={"a", "b"})["second_half"]
+    assert second["new_items"] == {"events": 3, "HR@10": pytest.approx(0.5), "scored": 2}
+    assert second["old_items"] == {"events": 1, "HR@10": 0.0, "scored": 1}
+    assert "new_items" not in report(outcomes, 2)["second_half"]

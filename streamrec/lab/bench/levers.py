@@ -132,7 +132,7 @@ def run_lever(
                 stats = blend.refit(sequences(stream.all[: n_boot + done - tune]), catalog)
                 weights = choose_weights(stream, p_model, stats, range(done - tune, done))
             blend = blend.refit(sequences(stream.all[: n_boot + done]), catalog, weights)
-    result = report(outcomes, len(stream.plan.windows))
+    result = report(outcomes, len(stream.plan.windows), {e.item_id for e in stream.plan.bootstrap})
     result["weights"] = {"itemknn": blend.w_knn, "markov": blend.w_markov}
     result["seconds"] = round(time.monotonic() - started, 1)
     return result
