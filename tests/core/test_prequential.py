@@ -71,13 +71,13 @@ def test_summary_scores_only_events_with_a_list_and_counts_the_rest() -> None:
 
 
 def test_second_half_splits_events_on_items_new_since_the_bootstrap_from_the_rest() -> None:
+    first = [Outcome(n, 0, "n", ("n",)) for n in range(4)]  # the first half does not count
     outcomes = [
-        Outcome(0, 0, "a", ("a",)),
-        Outcome(1, 0, "n", ("a",)),
-        Outcome(2, 1, "n", ("n", "a")),  # a new item, hit
-        Outcome(3, 1, "m", ("n", "a")),  # a new item, missed
-        Outcome(4, 1, "a", ("n",)),  # an old item, missed
-        Outcome(5, 1, "m", None),  # a new item, no list yet: counted, not scored
+        *first,
+        Outcome(4, 1, "n", ("n", "a")),  # a new item, hit
+        Outcome(5, 1, "m", ("n", "a")),  # a new item, missed
+        Outcome(6, 1, "a", ("n",)),  # an old item, missed
+        Outcome(7, 1, "m", None),  # a new item, no list yet: counted, not scored
     ]
     second = report(outcomes, 2, old_items={"a", "b"})["second_half"]
     assert second["new_items"] == {"events": 3, "HR@10": pytest.approx(0.5), "scored": 2}
