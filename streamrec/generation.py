@@ -54,12 +54,16 @@ def tiny_dir(settings: Settings) -> Path:
     return settings.data_dir / "models" / TINY
 
 
-def load_recommender(settings: Settings, catalog: Catalog, *, extend_items: bool = True) -> Recommender:
+def load_recommender(
+    settings: Settings, catalog: Catalog, *, extend_items: bool = True, provisional_items: bool = False
+) -> Recommender:
     """The configured model over `catalog`: a hub id or directory, or `tiny` (the trained tiny
     model under the data dir when there is one, else an untrained one built for this catalog, sized
     by the training settings). The templates file, when set, replaces the model directory's copy;
     beams, length penalty and batch size become the model's defaults. `extend_items`: whether catalog
-    items new to the model get a token here (the trainer's role; see `Recommender.extends_items`)."""
+    items new to the model get a token here (the trainer's role; see `Recommender.extends_items`);
+    `provisional_items`: whether items no artifact names yet are served from provisional ids (the
+    inference worker's; see `Recommender.provisional_items`)."""
     from streamrec.instructions import Instructions
     from streamrec.model.recommender import Recommender, TinyConfig
 
@@ -77,6 +81,7 @@ def load_recommender(settings: Settings, catalog: Catalog, *, extend_items: bool
             rec.task, rec.num_beams, rec.batch_size = cfg.task, cfg.num_beams, cfg.batch_size
             rec.length_penalty, rec.exact_search = cfg.length_penalty, cfg.exact_search
             rec.extends_items = extend_items
+            rec.provisional_items = provisional_items
             return rec
         base, scheme = str(trained), None  # the trained tiny model's own scheme
     rec = Recommender.load(
@@ -91,6 +96,7 @@ def load_recommender(settings: Settings, catalog: Catalog, *, extend_items: bool
         batch_size=cfg.batch_size,
         dtype=cfg.dtype,
         extend_items=extend_items,
+        provisional_items=provisional_items,
     )
     rec.length_penalty, rec.exact_search = cfg.length_penalty, cfg.exact_search
     return rec
@@ -240,9 +246,10 @@ class Generator:
         self._catalog_key = key
         self._titles = {item.item_id: item.title for item in catalog}
         if self.recommender is None:
-            # Items new to the model wait for the artifact that names them: this worker's order of
-            # arrival is its own, and ids given here would not be the trainer's.
-            self.recommender = load_recommender(self.settings, catalog, extend_items=False)
+            # Items new to the model are served from provisional ids until the artifact that names
+            # them arrives: this worker's order of arrival is its own, and ids given here would not
+            # be the trainer's.
+            self.recommender = load_recommender(self.settings, catalog, extend_items=False, provisional_items=True)
             log.info("model loaded: %s", self.recommender.version)
             self._model_info()
         else:

@@ -215,14 +215,14 @@ def run_increment(
     through = max((e.ts for e in split.train), default=None)
 
     # The base model plus the adapter in service, trainable: the increment continues from it, with its
-    # item mapping. Only a fresh adapter extends the mapping (items new to the model get the next ids,
-    # saved with it); over an adapter, later items wait, since its saved rows fix the vocabulary.
+    # item mapping, extended by the items new since (the next ids, rows from their text, saved with
+    # the adapter), whose rows the grown adapter trains too.
     rec = load_recommender(settings, catalog, extend_items=False)
     current = registry.current()
     if current is not None and registry.verify(current):
         folder = registry.path(current.version)
         own = adapter_blend(settings, folder, current.blend_sha256)
-        rec.continue_adapter(str(folder), current.version, blend=own)
+        rec.continue_adapter(str(folder), current.version, blend=own, extend=True)
     elif current is not None:
         raise ModelError(f"adapter in service {current.version} fails its sha256 check; roll back first")
     else:

@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import string
+import tempfile
 import threading
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -56,6 +57,10 @@ TEMPLATES_FILE = "instructions.toml"
 # {item_id: token_id} under `item_token`, beside a saved model and in each adapter (under its sha256).
 ITEM_TOKENS_FILE = "item_tokens.json"
 DEFAULT_TASK = "next_click"
+# An inference worker's headroom for items that reach its catalog between two artifacts (see
+# `set_catalog`): at least this many spare embedding rows, or this share of the vocabulary.
+SPARE_ROWS = 256
+SPARE_SHARE = 0.25
 
 
 def _train_default(name: str) -> Any:
@@ -231,6 +236,12 @@ class Recommender:
         # inference worker leaves it off and takes new items' ids from the artifacts it serves, since
         # its own order of arrival differs from the trainer's.
         self.extends_items = True
+        # Whether items that no artifact names yet are served at once from provisional ids of this
+        # process's own (the inference worker's role): ids that are never saved, and that give way
+        # to the mapping of the next model or adapter loaded. See `set_catalog`.
+        self.provisional_items = False
+        self._provisional: frozenset[str] = frozenset()
+        self._official_tokenizer: Any = None  # the tokenizer before the provisional tokens
         self._lock = threading.RLock()
         self.catalog = Catalog([])
         self.names: dict[str, str] = {}
@@ -318,6 +329,7 @@ class Recommender:
         dtype: str = "auto",
         train: bool = False,
         extend_items: bool = True,
+        provisional_items: bool = False,
     ) -> Recommender:
         """A checkpoint by hub id or directory (safetensors weights only). A directory written by
         `save` brings its scheme, templates and catalog (`instructions` overrides its templates);
@@ -327,8 +339,8 @@ class Recommender:
         increment: its base model is loaded first and the adapter put on top. `dtype`: what the
         model computes in (see `resolve_dtype`); the weights are cast to it, unless `train` (fp32
         weights, autocast on CUDA). `extend_items`: whether catalog items new to the model get a token
-        here (see `extends_items`); an adapter's own mapping is applied before any. A checkpoint that
-        cannot be had raises ModelError naming the fixes."""
+        here (see `extends_items`); an adapter's own mapping is applied before any; `provisional_items`:
+        see the attribute. A checkpoint that cannot be had raises ModelError naming the fixes."""
         path = Path(path_or_id)
         if (path / "adapter_config.json").is_file():
             cfg = json.loads((path / "adapter_config.json").read_text())
@@ -343,6 +355,7 @@ class Recommender:
                 dtype=dtype,
                 train=train,
                 extend_items=False,
+                provisional_items=provisional_items,
             )
             if catalog is not None:
                 rec.set_catalog(catalog)
@@ -376,6 +389,7 @@ class Recommender:
             train=train,
         )
         rec.extends_items = extend_items
+        rec.provisional_items = provisional_items
         if catalog is None and (path / "catalog.jsonl").is_file():
             from streamrec.events import CatalogItem
 
@@ -428,23 +442,39 @@ class Recommender:
 
     def set_catalog(self, catalog: Catalog, *, extend: bool | None = None) -> None:
         """Use this catalog from the next batch on: rebuilds the trie over its available items. Under
-        the `item_token` scheme, items new to the tokenizer get a token (an untrained embedding) when
-        this model `extends_items` and wears no adapter yet (peft's wrappers fix the vocabulary's
-        size); otherwise they stay out of the trie, never recommended, until a model or adapter whose
-        mapping names them is loaded: an id chosen here would be this process's own. `extend`
-        overrides `extends_items` for this call."""
+        the `item_token` scheme, items new to the tokenizer get a token when this model
+        `extends_items` and wears no adapter yet (peft's wrappers fix the vocabulary's size): the
+        mapping grows, and each new row starts from the item's text (`_add_item_tokens`). Otherwise
+        an id chosen here would be this process's own: with `provisional_items` the new items are
+        served at once from provisional ids in the spare rows (until a model or adapter whose
+        mapping names them is loaded), else they stay out of the trie. `extend` overrides
+        `extends_items` for this call."""
         with self._lock:
             servable = catalog
             if self.scheme == "item_token":
+                self._drop_provisional()
                 known = self.item_tokens
                 missing = sorted(i for i in catalog.ids if i not in known)
                 extend = self.extends_items if extend is None else extend
-                if missing and extend and not hasattr(self.model, "peft_config"):
+                wrapped = hasattr(self.model, "peft_config")
+                texts = item_texts(catalog)
+                if self.provisional_items and not wrapped and self._rows() - len(self.tokenizer) < SPARE_ROWS:
+                    # Headroom before an adapter fixes the size: items that come later are served too.
+                    self._grow(len(self.tokenizer) + self._spare())
+                if missing and extend and not wrapped:
                     # In id order, not the mirror's arrival order: two trainers extending one
                     # mapping with one catalog agree.
-                    self._add_item_tokens([item_token(i) for i in missing])
+                    self._add_item_tokens([item_token(i) for i in missing], texts)
                 elif missing:
-                    servable = Catalog(item for item in catalog if item.item_id in known)
+                    room = self._rows() - len(self.tokenizer) if wrapped else len(missing)
+                    take = missing[: max(0, room)] if self.provisional_items else []
+                    if take:
+                        self._official_tokenizer = copy.deepcopy(self.tokenizer)
+                        self._add_item_tokens([item_token(i) for i in take], texts)
+                        self._provisional = frozenset(take)
+                    if len(take) < len(missing):
+                        left = set(missing[len(take) :])
+                        servable = Catalog(item for item in catalog if item.item_id not in left)
             self.catalog = catalog
             self.names = identifiers(catalog, self.scheme)
             self.texts = item_texts(catalog)
@@ -457,38 +487,83 @@ class Recommender:
             self._single = {p[0]: i for i, p in paths.items()} if single else {}
             self._single_items = list(self._single.values())
 
-    def _add_item_tokens(self, tokens: Sequence[str]) -> None:
-        """Give each of `tokens` a tokenizer id and an embedding row that starts near the mean of the
-        rows of the tokens known so far, in the input embedding and, when the model has one of its
-        own (T5 v1.1, Flan), in the output head too. The embedding keeps any rows beyond the
+    def _rows(self) -> int:
+        """The embedding's rows: the tokenizer's ids plus any spare ones."""
+        return int(_base_weight(_base_t5(self.model).get_input_embeddings()).shape[0])
+
+    def _spare(self) -> int:
+        return max(SPARE_ROWS, int(len(self.tokenizer) * SPARE_SHARE))
+
+    def _grow(self, rows: int) -> None:
+        """Resize the embedding (and a head of its own) to `rows`; the new rows are for the caller to set."""
+        model = _base_t5(self.model)
+        own_head = _own_head(model)
+        kept = _base_weight(model.get_output_embeddings()).detach().clone() if own_head else None
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        if kept is not None:
+            # transformers 5 re-ties T5's head to the input embedding on a resize, whatever the
+            # checkpoint had: Flan's trained output embedding would be silently replaced.
+            _untie_output_head(model, kept, rows)
+
+    def _drop_provisional(self) -> None:
+        """Forget the provisional item tokens (their rows stay, to be written over)."""
+        if self._official_tokenizer is not None:
+            self.tokenizer = self._official_tokenizer
+            self._official_tokenizer = None
+            self._provisional = frozenset()
+
+    def _add_item_tokens(self, tokens: Sequence[str], texts: Mapping[str, tuple[str, str]] | None = None) -> None:
+        """Give each of `tokens` a tokenizer id and an embedding row, in the input embedding and, when
+        the model has one of its own (T5 v1.1, Flan), in the output head too. A row starts from the
+        item's text (`text_rows`; `texts`: item id -> (title, category)), so that an item new to
+        the model is nameable before any training. The embedding keeps any rows beyond the
         tokenizer: Flan's 32,128 rows hold 28 unused ones past its 32,100 tokens, which the first new
-        tokens take over (a resize down to len(tokenizer) would drop them and change the model's shape)."""
-        model = self.model
+        tokens take over (a resize down to len(tokenizer) would drop them and change the model's
+        shape); an inference worker grows it with headroom (SPARE_ROWS), since once an adapter is on
+        it peft's wrappers fix its size."""
+        model = _base_t5(self.model)
         emb = model.get_input_embeddings()
-        head = model.get_output_embeddings()
-        own_head = head is not None and head.weight.data_ptr() != emb.weight.data_ptr()
+        own_head = _own_head(model)
         known = len(self.tokenizer)
         # normalized=False: an item token is matched on the raw text, never normalised; lstrip: it
         # swallows the space before it, which would otherwise cost a lone "▁" token per history item.
         self.tokenizer.add_tokens([AddedToken(t, normalized=False, lstrip=True) for t in tokens])
         new = list(range(known, len(self.tokenizer)))
-        if len(self.tokenizer) > emb.weight.shape[0]:
-            kept = head.weight.detach().clone() if own_head else None
-            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)  # rows set below
+        if len(self.tokenizer) > self._rows():
+            if hasattr(self.model, "peft_config"):
+                raise ModelError(f"no spare embedding rows left for {len(new)} new item(s) under an adapter")
+            self._grow(len(self.tokenizer) + (self._spare() if self.provisional_items else 0))
             emb = model.get_input_embeddings()
-            if kept is not None:
-                # transformers 5 re-ties T5's head to the input embedding on a resize, whatever the
-                # checkpoint had: Flan's trained output embedding would be silently replaced.
-                _untie_output_head(model, kept, len(self.tokenizer))
-                head = model.get_output_embeddings()
+        matrices = [_base_weight(emb)] + ([_base_weight(model.get_output_embeddings())] if own_head else [])
+        texts = texts or {}
+        title_ids = self._text_ids([item_of_token(t) or t for t in tokens], texts)
+        # The model's own item rows (the base checkpoint's, the same in every process) teach how an
+        # item's text maps to its row.
+        base_items = {i: t for i, t in self.item_tokens.items() if t < min(known, self.base_vocab) and i in texts}
+        fit_items = sorted(base_items)
+        fit_ids = self._text_ids(fit_items, texts)
         with torch.no_grad():
-            for m, matrix in enumerate([emb.weight] + ([head.weight] if own_head else [])):
-                text = matrix[:known]
-                spread = text.std(dim=0, keepdim=True) * 0.1
+            for m, matrix in enumerate(matrices):
+                text = matrix[:known].double()
                 # Noise drawn from the token itself, not the process's random state: every process
                 # that gives one item a row gives it the same row.
-                noise = torch.stack([_token_noise(t, m, matrix.shape[1]) for t in tokens])
-                matrix[new] = text.mean(dim=0, keepdim=True) + spread * noise.to(matrix.dtype).to(matrix.device)
+                noise = torch.stack([_token_noise(t, m, matrix.shape[1]) for t in tokens]).double()
+                fit = (
+                    (_mean_rows(text, fit_ids, self.base_vocab), text[[base_items[i] for i in fit_items]])
+                    if fit_items
+                    else None
+                )
+                rows = text_rows(text, _mean_rows(text, title_ids, self.base_vocab), fit)
+                spread = text.std(dim=0, keepdim=True) * 0.1
+                matrix[new] = (rows + spread * noise).to(matrix.dtype).to(matrix.device)
+
+    def _text_ids(self, items: Sequence[str], texts: Mapping[str, tuple[str, str]]) -> list[list[int]]:
+        """Each item's title and category as token ids (none for an item without text)."""
+        words = [" ".join(x for x in texts.get(i, ("", "")) if x) for i in items]
+        if not any(words):
+            return [[] for _ in items]
+        ids: list[list[int]] = self.tokenizer(words, add_special_tokens=False).input_ids
+        return ids
 
     # ---------------------------------------------------------------- the item mapping
 
@@ -499,7 +574,7 @@ class Recommender:
             return {}
         out: dict[str, int] = {}
         for token, token_id in self.tokenizer.get_added_vocab().items():
-            if (item := item_of_token(token)) is not None:
+            if (item := item_of_token(token)) is not None and item not in self._provisional:
                 out[item] = int(token_id)
         return out
 
@@ -547,7 +622,7 @@ class Recommender:
         ]
         tied = copy.copy(t5.__dict__.get("all_tied_weights_keys"))
         saved = (copy.deepcopy(self.tokenizer), modules, t5.config.vocab_size, tied)
-        self._add_item_tokens([item_token(i) for i in items])
+        self._add_item_tokens([item_token(i) for i in items], self.texts)
         return saved
 
     def _undo_item_tokens(self, saved: Any) -> None:
@@ -586,27 +661,33 @@ class Recommender:
         is the time to read the (small) adapter weights. A failed load raises ModelError and leaves
         the model exactly as it was: peft injects an adapter's layers before it reads its weights,
         so whatever it injected is taken out again. Under `item_token` the adapter's item mapping
-        (ITEM_TOKENS_FILE) is served, never this process's: its new items get the ids it names, and one
-        that moves an item in service or is missing is refused."""
-        from peft import PeftModel
-
+        (ITEM_TOKENS_FILE) is served, never this process's: its new items get the ids it names (taking
+        over from any provisional ids), and one that moves an item in service or is missing is refused."""
         name = version or Path(adapter_dir).name
         with self._lock:
-            if (add := self._adapter_item_tokens(adapter_dir)) is not None and isinstance(self.model, PeftModel):
-                # peft's wrappers hold the embedding: its size is fixed until the process restarts.
-                raise ModelError(
-                    f"cannot load adapter {adapter_dir!r}: it brings {len(add)} item(s) new to this worker (e.g. "
-                    f"{add[:3]}), which cannot join the model while an adapter is on it; restart the worker"
-                )
-            saved = self._apply_item_tokens(add) if add is not None else None
+            self._drop_provisional()
             try:
-                self._load_adapter(adapter_dir, name, blend)
-            except ModelError:
-                if saved is not None:
-                    self._undo_item_tokens(saved)
-                raise
-            if add is not None:
-                self.set_catalog(self.catalog, extend=False)  # the items it brought are recommendable now
+                add = self._adapter_item_tokens(adapter_dir)
+                if (
+                    add is not None
+                    and hasattr(self.model, "peft_config")
+                    and len(self.tokenizer) + len(add) > self._rows()
+                ):
+                    # peft's wrappers hold the embedding: its size is fixed until the process restarts.
+                    raise ModelError(
+                        f"cannot load adapter {adapter_dir!r}: it brings {len(add)} item(s) new to this worker (e.g. "
+                        f"{add[:3]}), more than the spare rows left under the adapter in service; restart the worker"
+                    )
+                saved = self._apply_item_tokens(add) if add is not None else None
+                try:
+                    self._load_adapter(adapter_dir, name, blend)
+                except ModelError:
+                    if saved is not None:
+                        self._undo_item_tokens(saved)
+                    raise
+            finally:
+                # The items it brought are recommendable now; the rest of the new ones provisionally again.
+                self.set_catalog(self.catalog, extend=False)
 
     def _load_adapter(self, adapter_dir: str, name: str, blend: Blend | None) -> None:
         from peft import PeftModel
@@ -1061,22 +1142,38 @@ class Recommender:
         with self._lock, _peft_keeps_own_head(self.model):
             self.model = get_peft_model(self.model, cfg)
 
-    def continue_adapter(self, adapter_dir: str, version: str | None = None, blend: Blend | None = None) -> None:
+    def continue_adapter(
+        self, adapter_dir: str, version: str | None = None, blend: Blend | None = None, *, extend: bool = False
+    ) -> None:
         """Put a saved adapter on the base model with its weights trainable, with its blend (None:
-        the base model's): the next increment starts from the adapter in service, not from nothing."""
+        the base model's): the next increment starts from the adapter in service, not from nothing.
+        With `extend` (the trainer), catalog items that neither the base model nor the adapter names
+        get the next ids, after the adapter's own, and rows that start from their text; when the
+        adapter trains item rows, it is grown to train theirs too, so every item that has appeared
+        since the bootstrap keeps learning."""
         from peft import PeftModel
 
         with self._lock:
+            self._drop_provisional()
             if (add := self._adapter_item_tokens(adapter_dir)) is not None:
                 # Its mapping before any id of this process's: the adapter's item rows are its items'.
                 self._apply_item_tokens(add)
-                self.set_catalog(self.catalog, extend=False)  # its rows would not fit the adapter's
+            missing = sorted(i for i in self.catalog.ids if i not in self.item_tokens) if extend else []
+            if missing and self.scheme == "item_token":
+                first = len(self.tokenizer)
+                self._add_item_tokens([item_token(i) for i in missing], self.texts)
+                new_ids = list(range(first, len(self.tokenizer)))
+            else:
+                new_ids = []
+            self.set_catalog(self.catalog, extend=False)  # its rows would not fit the adapter's
         try:
-            with self._lock, _peft_keeps_own_head(self.model):
-                self.model = PeftModel.from_pretrained(self.model, adapter_dir, is_trainable=True)
-                self.model.to(self.device)
-                self.adapter_version = version or Path(adapter_dir).name
-                self.set_adapter_blend(blend)
+            with tempfile.TemporaryDirectory(prefix="streamrec-grown-") as grown:
+                source = _grown_adapter(adapter_dir, grown, self.model, new_ids) if new_ids else adapter_dir
+                with self._lock, _peft_keeps_own_head(self.model):
+                    self.model = PeftModel.from_pretrained(self.model, source, is_trainable=True)
+                    self.model.to(self.device)
+                    self.adapter_version = version or Path(adapter_dir).name
+                    self.set_adapter_blend(blend)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelError(f"cannot load adapter {adapter_dir!r} for training: {exc}") from exc
 
@@ -1085,7 +1182,10 @@ class Recommender:
         `item_token`, the item mapping they were trained with (ITEM_TOKENS_FILE)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        # Never the whole embedding, which peft would save once the vocabulary has grown: each worker
+        # rebuilds the rows of the items the mapping brings from their text, and the adapter's
+        # trained item rows travel as its trainable tokens.
+        self.model.save_pretrained(out, save_embedding_layers=False)
         self.save_item_tokens(out)
         self.adapter_version = out.name
 
@@ -1115,6 +1215,73 @@ class Recommender:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
+
+
+# Fewer of the model's own items with text than this: new rows start from their text's token rows.
+MIN_TEXT_FIT = 16
+
+
+def _mean_rows(matrix: torch.Tensor, ids: Sequence[Sequence[int]], limit: int) -> torch.Tensor:
+    """Each id list's mean row of `matrix` over its ids below `limit` (the text vocabulary); NaN
+    for a list with none."""
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
+    owner = np.repeat(np.arange(len(ids)), lengths)
+    keep = flat < limit
+    tokens, rows = torch.from_numpy(flat[keep]), torch.from_numpy(owner[keep])
+    sums = torch.zeros((len(ids), matrix.shape[1]), dtype=matrix.dtype).index_add_(0, rows, matrix[tokens])
+    counts = torch.bincount(rows, minlength=len(ids)).to(matrix.dtype).unsqueeze(1)
+    return sums / counts  # 0 / 0: NaN
+
+
+def text_rows(
+    text: torch.Tensor, features: torch.Tensor, fit: tuple[torch.Tensor, torch.Tensor] | None, ridge: float = 1.0
+) -> torch.Tensor:
+    """Starting embedding rows for new items from their text `features` (the mean row of their text's
+    tokens; NaN: no text). With `fit` (the features and rows of items the model knows), a ridge
+    regression from features to rows, regularised by `ridge` times the features' mean variance: a
+    new item starts where items with words like its own sit. Without one, the features themselves.
+    An item with no text starts at the mean row (of the known items, else of the vocabulary `text`)."""
+    default = text.mean(dim=0)
+    out = features.clone()
+    if fit is not None:
+        x, y = fit
+        ok = ~torch.isnan(x).any(dim=1)
+        x, y = x[ok], y[ok]
+        if len(x) >= MIN_TEXT_FIT:
+            xm, default = x.mean(dim=0), y.mean(dim=0)
+            xc = x - xm
+            gram = xc.T @ xc
+            lam = ridge * torch.trace(gram) / gram.shape[0] + 1e-9
+            w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ (y - default))
+            out = default + (features - xm) @ w
+    out[torch.isnan(out).any(dim=1)] = default
+    return out
+
+
+def _grown_adapter(adapter_dir: str, out_dir: str, model: Any, new_ids: Sequence[int]) -> str:
+    """A copy of a peft adapter in `out_dir` whose trainable item rows also cover `new_ids`, starting
+    from `model`'s rows for them (the adapter's own rows are kept). An adapter that trains no item
+    rows is copied as it is."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    indices = cfg.get("trainable_token_indices")
+    if indices:
+        t5 = _base_t5(model)
+        if isinstance(indices, list):
+            cfg["trainable_token_indices"] = [*indices, *new_ids]
+        else:
+            cfg["trainable_token_indices"] = {name: [*ids, *new_ids] for name, ids in indices.items()}
+        for key, delta in list(weights.items()):
+            if key.endswith(".token_adapter.trainable_tokens_delta"):
+                module = key.removeprefix("base_model.model.").removesuffix(".token_adapter.trainable_tokens_delta")
+                rows = _base_weight(t5.get_submodule(module))[list(new_ids)].detach().to(delta.dtype).cpu()
+                weights[key] = torch.cat([delta, rows]).contiguous()
+    (Path(out_dir) / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(weights, str(Path(out_dir) / "adapter_model.safetensors"))
+    return out_dir
 
 
 def _token_noise(token: str, matrix: int, width: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ partitions, so that order differs from one process to the next)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,10 @@ def test_workers_that_received_new_items_in_different_orders_serve_the_trainers_
     one = worker(tmp_path, settings, "one", [CATALOG_ITEMS, NEW])
     two = worker(tmp_path, settings, "two", [CATALOG_ITEMS, NEW[:1:-1][:2], NEW[3::-1]])
     for w in (one, two):
-        # Before an artifact names them, new items have no token and are never recommended.
+        # Before an artifact names them, new items have no token of the mapping, but are served at
+        # once from this worker's provisional ids.
         assert w.recommender is not None and not set(w.recommender.item_tokens) & {i.item_id for i in NEW}
-        assert set(w.recommender.trie_items) == {i.item_id for i in CATALOG_ITEMS}
+        assert set(w.recommender.trie_items) == set(trainer_catalog.ids)
         w.apply_adapter(announcement)
     trainer = Recommender.load(str(registry.path(result.manifest.version)), "cpu", catalog=trainer_catalog)
 
@@ -90,13 +92,21 @@ def test_workers_that_received_new_items_in_different_orders_serve_the_trainers_
         lists = [[s.item_id for s in lst] for lst in rec.recommend(REQUESTS, k=10)]
         assert lists == [[s.item_id for s in lst] for lst in trainer.recommend(REQUESTS, k=10)]
 
-    # The next increment continues the adapter with its mapping. An item published since cannot join
-    # a vocabulary the adapter's rows fix: it waits, and the increment still runs and is served alike.
+    # The next increment continues the adapter with its mapping, extended by an item published
+    # since, whose row the grown adapter trains; both workers serve it under the trainer's id.
     later = Catalog([*trainer_catalog, CatalogItem(item_id="m0", title="latecomer", category="stuff")])
     again = run_increment(settings, later, feedback(150, 500, seed=2, prefix="b"), None, registry, seed=1)
     assert again.manifest is not None, again.decision.reason
+    folder = registry.path(again.manifest.version)
+    trainer = Recommender.load(str(folder), "cpu", catalog=later)
+    grown = {**reference, "m0": max(reference.values()) + 1}
+    assert token_ids(trainer) == grown
+    trained = json.loads((folder / "adapter_config.json").read_text())["trainable_token_indices"]
+    assert grown["m0"] in trained and set(reference.values()) <= set(trained)
     for w in (one, two):
         w.set_catalog(later, later.fingerprint())
+        assert w.recommender is not None and "m0" in w.recommender.trie_items  # provisionally
         w.apply_adapter(registry.announcement(again.manifest))
-        assert w.recommender is not None and w.recommender.item_tokens == reference
-        assert "m0" not in w.recommender.trie_items
+        assert w.recommender.item_tokens == grown
+        for got, want in zip(scores(w.recommender), scores(trainer), strict=True):
+            np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-5)
