@@ -187,7 +187,7 @@ def simulate(
 
     settings = _settings()
     if catalog:
-        console.print(f"catalog: {send_catalog(settings, make_catalog(cfg))} items -> {settings.topics.catalog}")
+        console.print(f"catalog: {len(send_catalog(settings, make_catalog(cfg)))} items -> {settings.topics.catalog}")
     with Progress(console=console) as progress:
         task = progress.add_task(f"events -> {settings.kafka.bootstrap_servers}", total=count)
         stats = send_events(

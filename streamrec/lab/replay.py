@@ -41,6 +41,13 @@ def to_event(e: LogEvent, n: int) -> Event:
     )
 
 
+def known_by_then(the_plan: Plan, catalog: Catalog) -> Catalog:
+    """The catalog as the bootstrap knew it: the items of its part of the log. The others are
+    published on the catalog topic as the replay first reaches them, as a live catalog grows."""
+    seen = {e.item_id for e in the_plan.bootstrap}
+    return Catalog(item for item in catalog if item.item_id in seen)
+
+
 def bootstrap(
     the_plan: Plan, catalog: Catalog, out_dir: Path, train_minutes: float, log: Log
 ) -> tuple[dict[str, Any], float]:
@@ -55,6 +62,7 @@ def bootstrap(
     settings = load_settings()
     cfg = settings.train.model_copy(update={"max_minutes": train_minutes})
     started = time.monotonic()
+    catalog = known_by_then(the_plan, catalog)
     rec, _ = train(split, catalog, out_dir, cfg, log=log)
     seconds = time.monotonic() - started
     models = compare(
@@ -197,7 +205,7 @@ def run_mode(
         create_topics(settings.kafka, settings.topics)
         roles = ["ingest", "infer"] + (["train"] if mode == "online" else [])
         with running_workers(settings, roles, say=log) as procs:
-            send_catalog(settings, catalog)
+            published = set(send_catalog(settings, known_by_then(the_plan, catalog)))
             watcher = RecWatcher(settings)
             prod = producer(settings.kafka, linger_ms=5)
 
@@ -264,6 +272,14 @@ def run_mode(
                                     adapter=None if rec is None else rec.model.adapter,
                                 )
                             )
+                            if (item := catalog.get(events[n].item_id)) is not None and item.item_id not in published:
+                                # An item new since the bootstrap enters the catalog just before its first event.
+                                published.add(item.item_id)
+                                prod.send(
+                                    settings.topics.catalog,
+                                    key=item.item_id.encode(),
+                                    value=item.model_dump_json().encode(),
+                                )
                             send(events[n])
                             if pace is not None:
                                 pace.sent(user in active)  # a user's first event makes no example

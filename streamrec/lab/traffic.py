@@ -41,15 +41,16 @@ def event_topic(settings: Settings, event: Event) -> str:
     return settings.topics.clicks if event.type is EventType.CLICK else settings.topics.purchases
 
 
-def send_catalog(settings: Settings, items: Iterable[CatalogItem]) -> int:
+def send_catalog(settings: Settings, items: Iterable[CatalogItem]) -> list[str]:
+    """Publish `items` on the catalog topic; returns their ids."""
     prod = producer(settings.kafka)
-    n = 0
+    sent = []
     for item in items:
         prod.send(settings.topics.catalog, key=item.item_id.encode(), value=item.model_dump_json().encode())
-        n += 1
+        sent.append(item.item_id)
     prod.flush()
     prod.close()
-    return n
+    return sent
 
 
 def send_events(

@@ -6,15 +6,17 @@ partitions, so that order differs from one process to the next)."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from walks import CATALOG_ITEMS, walk
+from walks import CATALOG_ITEMS, ITEMS, walk
 
 from streamrec.catalog import Catalog, item_token
 from streamrec.events import CatalogItem
+from streamrec.feedback import FeedbackExample
 from streamrec.instructions import HistoryItem, RecRequest
 from streamrec.registry import AdapterRegistry
 from streamrec.settings import Settings, registry_root
@@ -110,3 +112,49 @@ def test_workers_that_received_new_items_in_different_orders_serve_the_trainers_
         assert w.recommender.item_tokens == grown
         for got, want in zip(scores(w.recommender), scores(trainer), strict=True):
             np.testing.assert_allclose([got[i] for i in want], list(want.values()), atol=1e-5)
+
+
+def pointing_to(item: str, after: int, n: int, start_s: float, seed: int, prefix: str) -> list[FeedbackExample]:
+    """`n` examples, one second apart from `start_s`: every second one a walk that ends at item
+    `after` and then clicks `item`, the others the walk pattern."""
+    walkers = feedback(n, start_s, seed, prefix)
+    rng = random.Random(seed)
+    out = []
+    for k, e in enumerate(walkers):
+        if k % 2 == 0:
+            length = rng.randint(3, 7)
+            seq = walk((after - length + 1) % ITEMS, length)
+            e = e.model_copy(update={"history": tuple(HistoryItem(i, "click") for i in seq), "target": item})
+        out.append(e)
+    return out
+
+
+def test_an_item_published_mid_stream_is_recommended_after_one_increment(tmp_path: Path, walk_model: Path) -> None:
+    """An item that appears on the catalog topic after the first adapter, and that users now click
+    after item i5, is in the served lists of users whose histories end at i5 once the next increment
+    is promoted: the model's own scores (not only the refitted blend) name it, and users elsewhere on
+    the walk are not shown it first."""
+    settings = make_settings(tmp_path / "trainer", walk_model, epochs=4, lr=3e-3)
+    registry = AdapterRegistry(registry_root(settings))
+    first = run_increment(settings, Catalog(CATALOG_ITEMS), feedback(150, 0, seed=1, prefix="a"), None, registry)
+    assert first.manifest is not None, first.decision.reason
+
+    fresh = CatalogItem(item_id="m0", title="latecomer", category="stuff")
+    later = Catalog([*CATALOG_ITEMS, fresh])
+    gen = worker(tmp_path, settings, "worker", [CATALOG_ITEMS])
+    gen.apply_adapter(registry.announcement(first.manifest))
+    gen.set_catalog(later, later.fingerprint())  # the catalog topic brings m0 mid-stream
+    pointing = [RecRequest(tuple(HistoryItem(i) for i in walk(5 - n + 1, n))) for n in (3, 4, 5)]
+    elsewhere = [RecRequest(tuple(HistoryItem(i) for i in walk(18 - n + 1, n))) for n in (3, 4, 5)]
+    assert all(r.history[-1].item_id == "i5" for r in pointing)
+
+    again = run_increment(settings, later, pointing_to("m0", 5, 300, 500, seed=2, prefix="b"), None, registry, seed=1)
+    assert again.manifest is not None, again.decision.reason
+    gen.apply_adapter(registry.announcement(again.manifest))
+    rec = gen.recommender
+    assert rec is not None and "m0" in rec.item_tokens  # under the artifact's mapping now
+    for blend in (False, None):
+        for lst in rec.recommend(pointing, k=10, blend=blend):
+            assert "m0" in [s.item_id for s in lst], (blend, lst)
+        for lst in rec.recommend(elsewhere, k=10, blend=blend):
+            assert lst[0].item_id != "m0", (blend, lst)
