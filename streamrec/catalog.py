@@ -12,8 +12,8 @@ from streamrec.errors import InvalidMessage, ModelError
 from streamrec.events import CatalogItem, parse
 from streamrec.settings import ContractSettings
 
-SchemeName = Literal["item_token", "title"]
-SCHEMES: tuple[SchemeName, ...] = ("item_token", "title")
+SchemeName = Literal["item_token", "title", "semantic"]
+SCHEMES: tuple[SchemeName, ...] = ("item_token", "title", "semantic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,13 +125,21 @@ def item_tokens_to_add(have: Mapping[str, int], size: int, wanted: Mapping[str, 
     return [i for _, i in new]
 
 
-def identifiers(catalog: Catalog, scheme: SchemeName) -> dict[str, str]:
+def identifiers(
+    catalog: Catalog, scheme: SchemeName, codes: Mapping[str, tuple[int, ...]] | None = None
+) -> dict[str, str]:
     """The text that names each catalog item to the model, unique per item.
 
     `item_token`: one added token per item. `title`: the title itself; repeated titles get the id
-    appended, because two items sharing one token sequence could not be told apart by the trie."""
+    appended, because two items sharing one token sequence could not be told apart by the trie.
+    `semantic`: the tokens of the item's code (`codes`: item -> code); items without one are left out."""
     if scheme == "item_token":
         return {item.item_id: item_token(item.item_id) for item in catalog}
+    if scheme == "semantic":
+        from streamrec.codes import code_text
+
+        codes = codes or {}
+        return {item.item_id: code_text(codes[item.item_id]) for item in catalog if item.item_id in codes}
     if scheme != "title":
         raise ModelError(f"unknown identifier scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
     counts: dict[str, int] = {}
@@ -272,11 +280,16 @@ class ItemTrie:
 
 
 def build_trie(
-    catalog: Catalog, scheme: SchemeName, encode: Callable[[str], Sequence[int]], *, available_only: bool = True
+    catalog: Catalog,
+    scheme: SchemeName,
+    encode: Callable[[str], Sequence[int]],
+    *,
+    available_only: bool = True,
+    codes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> ItemTrie:
-    """The trie over `encode(identifier)` of every (available) item. `encode` must return the
-    token ids the model generates for that text, including the closing EOS."""
-    names = identifiers(catalog, scheme)
+    """The trie over `encode(identifier)` of every (available) item that has an identifier. `encode`
+    must return the token ids the model generates for that text, including the closing EOS."""
+    names = identifiers(catalog, scheme, codes)
     keep = set(catalog.available_ids) if available_only else set(names)
     seqs = {item_id: tuple(encode(text)) for item_id, text in names.items() if item_id in keep}
     # A tokenizer can map two different texts to one sequence (unknown characters become <unk>):

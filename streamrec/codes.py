@@ -8,9 +8,12 @@ unexplained) and one last index that tells apart the items whose vectors fell in
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -205,3 +208,155 @@ def code_tokens(sizes: Iterable[int]) -> list[str]:
 def code_text(code: Code) -> str:
     """An item's identifier under the `semantic` scheme: its code's tokens, one per level."""
     return "".join(code_token(level, j) for level, j in enumerate(code))
+
+
+# Beside a saved model: the codebooks and the text map (CODEBOOK_FILE); beside a model and in each
+# adapter (under its sha256): item -> code (CODES_FILE). The trainer alone extends the codes.
+CODEBOOK_FILE = "codebook.npz"
+CODES_FILE = "item_codes.json"
+
+
+def auto_k(items: int, levels: int, cap: int = 256) -> int:
+    """Clusters per level: about twice the `levels`-th root of the catalog's size, at most `cap`. A
+    small catalog then gets cells of several items each, which share what training teaches about a
+    prefix; 256 per level would leave most items alone in their cell from the second level on."""
+    return int(min(cap, max(4, round(2 * items ** (1 / levels)))))
+
+
+def _unit(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out: npt.NDArray[np.float32] = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return out
+
+
+def ridge_map(x: npt.NDArray[np.float32], y: npt.NDArray[np.float32], ridge: float = 1.0) -> npt.NDArray[np.float32]:
+    """The linear map from rows of `x` to rows of `y` (ridge regression, regularised by `ridge`
+    times the mean variance of `x`)."""
+    gram = (x.T @ x).astype(np.float64)
+    lam = ridge * np.trace(gram) / len(gram) + 1e-9
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), (x.T @ y).astype(np.float64)).astype(np.float32)
+
+
+def item_vectors(
+    texts: Sequence[str],
+    text_map: npt.NDArray[np.float32] | None,
+    text_dim: int,
+    cooc: npt.NDArray[np.float32] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Item vectors from text, followed (with a `text_map`) by a co-occurrence part: the `cooc` row
+    where it is not zero (an item with history), else the text's image under the map."""
+    t = text_vectors(texts, text_dim)
+    if text_map is None:
+        return t
+    c = _unit(t @ text_map)
+    if cooc is not None:
+        known = np.linalg.norm(cooc, axis=1) > 0
+        c[known] = _unit(cooc[known])
+    return np.hstack([t, c])
+
+
+@dataclass(frozen=True)
+class SemanticIds:
+    """What names items under the `semantic` scheme, apart from the codes themselves: the codebook,
+    and how an item's vector is made. The vector is its text's (`text_vectors`), followed, when the
+    codebook was fitted with history, by its co-occurrence vector: an item with no history yet gets
+    that part from its text, through `text_map` (text vector -> co-occurrence vector, fitted on the
+    items that had both)."""
+
+    book: Codebook
+    text_map: npt.NDArray[np.float32] | None = None
+    text_dim: int = 64
+
+    @property
+    def tokens(self) -> list[str]:
+        return code_tokens(self.book.sizes)
+
+    def vectors(self, texts: Sequence[str], cooc: npt.NDArray[np.float32] | None = None) -> npt.NDArray[np.float32]:
+        return item_vectors(texts, self.text_map, self.text_dim, cooc)
+
+    def assign(
+        self, items: Sequence[str], texts: Sequence[str], taken: Mapping[str, Code] | None = None
+    ) -> dict[str, Code]:
+        """Codes from text for `items` (sorted first: any process that assigns one set of items
+        against one `taken` gets the same codes)."""
+        order = sorted(range(len(items)), key=lambda n: items[n])
+        x = self.vectors([texts[n] for n in order])
+        return assign_codes(self.book, [items[n] for n in order], x, taken)
+
+    def save(self, path: str) -> None:
+        arrays: dict[str, npt.NDArray[Any]] = {f"level{n}": c for n, c in enumerate(self.book.centroids)}
+        if self.text_map is not None:
+            arrays["text_map"] = self.text_map
+        arrays["collision_size"] = np.array(self.book.collision_size)
+        arrays["text_dim"] = np.array(self.text_dim)
+        np.savez(path, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str) -> SemanticIds:
+        try:
+            with np.load(path) as f:
+                text_map = f["text_map"].astype(np.float32) if "text_map" in f.files else None
+                text_dim = int(f["text_dim"]) if "text_dim" in f.files else 64
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"unreadable semantic codebook {path!r}: {exc}") from exc
+        return cls(Codebook.load(path), text_map, text_dim)
+
+
+def fit_semantic_ids(
+    items: Sequence[str],
+    texts: Sequence[str],
+    cooc: npt.NDArray[np.float32] | None = None,
+    *,
+    levels: int = 3,
+    k: int | None = None,
+    seed: int = 0,
+    text_dim: int = 64,
+) -> tuple[SemanticIds, dict[str, Code]]:
+    """Fit the codebook on the items' vectors (text, plus co-occurrence rows from history when
+    `cooc` is given, zero for items without) and give every item its code."""
+    t = text_vectors(texts, text_dim)
+    text_map = None
+    if cooc is not None:
+        known = np.linalg.norm(cooc, axis=1) > 0
+        if known.sum() >= 2:
+            text_map = ridge_map(t[known], _unit(cooc[known]))
+    x = item_vectors(texts, text_map, text_dim, cooc)
+    book = fit_codebook(x, levels, k or auto_k(len(items), levels), seed=seed)
+    order = sorted(range(len(items)), key=lambda n: items[n])
+    return SemanticIds(book, text_map, text_dim), assign_codes(book, [items[n] for n in order], x[order])
+
+
+def read_codes(path: str) -> dict[str, Code]:
+    """An item -> code file (CODES_FILE); ModelError when it is unreadable."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        return {str(item): tuple(int(j) for j in code) for item, code in raw.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelError(f"unreadable item codes {path!r}: {exc}") from exc
+
+
+def write_codes(path: str, codes: Mapping[str, Code]) -> None:
+    text = json.dumps({item: list(code) for item, code in sorted(codes.items())}, separators=(",", ":"))
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def merged_codes(served: Mapping[str, Code], wanted: Mapping[str, Code], source: str) -> dict[str, Code]:
+    """The codes in service extended by an artifact's (`wanted`). The artifact must agree on every
+    item both name, and no two items may share a code: otherwise what it learned of one item's
+    code would be served for another (ModelError). Items it does not name keep their codes (an
+    older adapter, rolled back to, names fewer items than the trainer has coded since)."""
+    moved = sorted(i for i, c in wanted.items() if i in served and served[i] != c)
+    if moved:
+        raise ModelError(
+            f"{source}: its item codes differ from those in service for {len(moved)} item(s) (e.g. {moved[:3]}); "
+            "serve an artifact trained from the codes in service, or restart the worker"
+        )
+    out = {**served, **wanted}
+    if len(set(out.values())) < len(out):
+        raise ModelError(f"{source}: its item codes give one code to two items")
+    return out
+
+
+def code_source(texts: Mapping[str, tuple[str, str]], item: str) -> str:
+    """The text an item's code is computed from: its title and category (`texts`: item -> both)."""
+    return " ".join(x for x in texts.get(item, ("", "")) if x)

@@ -165,10 +165,11 @@ class ModelSettings(_Section):
         "runs under autocast to it on CUDA. auto: bfloat16 on a CUDA device that supports it, else float32 (on "
         "most CPUs bf16 matmuls are slower than fp32). No float16: T5's activations overflow it.",
     )
-    scheme: Literal["item_token", "title"] | None = Field(
+    scheme: Literal["item_token", "title", "semantic"] | None = Field(
         default=None,
-        description="Item identifiers: one token per item, or the title. None: what the model directory says "
-        "(a plain hub checkpoint: title).",
+        description="Item identifiers: one token per item, the title, or a semantic id (a few code tokens "
+        "learned from item text and co-occurrence). None: what the model directory says (a plain hub "
+        "checkpoint: title).",
     )
     task: Literal["next_click", "next_purchase", "cold_start"] = Field(
         default="next_click", description="The instruction task served."
@@ -178,7 +179,7 @@ class ModelSettings(_Section):
         description="Instruction templates file; None: the model directory's copy or the packaged one.",
     )
     top_k: int = Field(default=10, ge=1, description="Items per recommendation.")
-    num_beams: int = Field(default=10, ge=1, description="Beams for multi-token identifiers (title scheme).")
+    num_beams: int = Field(default=10, ge=1, description="Beams for multi-token identifiers (title, semantic).")
     length_penalty: float = Field(
         default=0.0,
         ge=0.0,

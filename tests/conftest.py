@@ -75,6 +75,15 @@ def walk_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def semantic_walk_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model trained on the walk pattern under the `semantic` scheme; read-only."""
+    pytest.importorskip("torch")
+    from walks import train_walk_model
+
+    return train_walk_model(tmp_path_factory.mktemp("walk") / "semantic", scheme="semantic")
+
+
+@pytest.fixture(scope="session")
 def flan_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Flan-T5-shaped hub directory (T5 v1.1, Unigram tokenizer, random weights, small dimensions)
     over the walk catalog's text (tests/flan_walks.py), once per session; read-only."""

@@ -32,7 +32,7 @@ def cycle_log(users: int, items: int, length: int, seed: int = 0) -> tuple[Catal
     return catalog, events
 
 
-def train_walk_model(out: Path) -> Path:
+def train_walk_model(out: Path, scheme: str = "item_token") -> Path:
     """A tiny model that knows the pattern, saved like a hub checkpoint (about 20 s on 2 cores)."""
     from streamrec.datasets import leave_one_out
     from streamrec.model.training import train
@@ -44,7 +44,7 @@ def train_walk_model(out: Path) -> Path:
         for t, item in enumerate(walk(rng.randrange(ITEMS), 8)):
             events.append(LogEvent(f"u{u}", item, float(t), "click", len(events)))
     cfg = TrainSettings(
-        epochs=4,
+        epochs=4 if scheme == "item_token" else 8,
         batch_size=16,
         lr=3e-3,
         d_model=32,
@@ -57,6 +57,7 @@ def train_walk_model(out: Path) -> Path:
         cold_start_share=0.0,
         eval_users=60,
     )
-    _, report = train(leave_one_out(events), Catalog(CATALOG_ITEMS), out, cfg, device="cpu", progress=False, log=print)
+    split, catalog = leave_one_out(events), Catalog(CATALOG_ITEMS)
+    _, report = train(split, catalog, out, cfg, device="cpu", progress=False, log=print, scheme=scheme)  # type: ignore[arg-type]
     assert report.best_val_ndcg10 > 0.7, report.history
     return out

@@ -48,7 +48,8 @@ def _train_settings(**overrides: Any) -> Any:
 
 BASE_HELP = "'tiny' (built here, trained from scratch), a hub id (google/flan-t5-small) or a model directory."
 SCHEME_HELP = (
-    "Item identifiers: item_token (one token per item) or title (default: STREAMREC_MODEL__SCHEME, else "
+    "Item identifiers: item_token (one token per item), title or semantic (a few code tokens per item; "
+    "default: STREAMREC_MODEL__SCHEME, else "
     "item_token for tiny and the base directory's own for a checkpoint, title for a plain hub one)."
 )
 

@@ -42,6 +42,17 @@ from streamrec.catalog import (
     item_token,
     item_tokens_to_add,
 )
+from streamrec.codes import (
+    CODEBOOK_FILE,
+    CODES_FILE,
+    Code,
+    SemanticIds,
+    code_source,
+    fit_semantic_ids,
+    merged_codes,
+    read_codes,
+    write_codes,
+)
 from streamrec.errors import ModelError
 from streamrec.events import ModelVersion
 from streamrec.instructions import DEFAULT_TEMPLATES, Instructions, RecRequest, item_texts
@@ -251,6 +262,11 @@ class Recommender:
         self._single_items: list[str] = []
         self.blend: Blend | None = None  # served now: the adapter's own blend, or the base model's
         self.base_blend: Blend | None = None
+        # Under `semantic`: the codebook, the codes of the model or adapter in service (extended here
+        # only where `extends_items`), and this process's provisional codes for the items they lack.
+        self.semantic: SemanticIds | None = None
+        self.item_codes: dict[str, Code] = {}
+        self._provisional_codes: dict[str, Code] = {}
 
     # ---------------------------------------------------------------- building and loading
 
@@ -267,18 +283,23 @@ class Recommender:
         scheme: SchemeName = "item_token",
         dtype: str = "auto",
         train: bool = False,
+        semantic: tuple[SemanticIds, Mapping[str, Code]] | None = None,
     ) -> Recommender:
         """A small T5 from a config with a tokenizer trained here on the catalog text (and `corpus`,
-        e.g. rendered instructions); under the `item_token` scheme, one token per catalog item.
-        `dtype` and `train`: as for `load`."""
+        e.g. rendered instructions); under the `item_token` scheme, one token per catalog item; under
+        `semantic`, the code vocabulary of `semantic` (codebook, codes; None: fitted on the item text
+        alone). `dtype` and `train`: as for `load`."""
         instructions = instructions or Instructions.load()
         texts = [f"{i.title} {i.category or ''} {i.description or ''}" for i in catalog]
         template_words = [t.text for ts in instructions.templates.values() for t in ts]
+        if scheme == "semantic" and semantic is None:
+            semantic = fit_semantic_ids(catalog.ids, [code_source(item_texts(catalog), i) for i in catalog.ids])
+        added = [item_token(i) for i in catalog.ids] if scheme == "item_token" else []
         tokenizer = train_tokenizer(
             # string.printable: every separator or punctuation an edited template may use is a token.
             [*texts, *template_words, *corpus, "click purchase nothing yet unknown", string.printable],
             config.text_vocab,
-            [item_token(i) for i in catalog.ids] if scheme == "item_token" else [],
+            semantic[0].tokens if semantic is not None and scheme == "semantic" else added,
         )
         torch.manual_seed(seed)
         # Passed as a dict: transformers 5 types T5Config without these (they still work), and a
@@ -310,6 +331,8 @@ class Recommender:
             dtype=dtype,
             train=train,
         )
+        if scheme == "semantic" and semantic is not None:
+            rec.semantic, rec.item_codes = semantic[0], dict(semantic[1])
         rec.set_catalog(catalog)
         return rec
 
@@ -390,6 +413,8 @@ class Recommender:
         )
         rec.extends_items = extend_items
         rec.provisional_items = provisional_items
+        if rec.scheme == "semantic":
+            rec._load_semantic(path, path_or_id, train)
         if catalog is None and (path / "catalog.jsonl").is_file():
             from streamrec.events import CatalogItem
 
@@ -411,6 +436,8 @@ class Recommender:
         meta = {"scheme": self.scheme, "base": self.base, "max_input_tokens": self.max_input_tokens}
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
         self.save_item_tokens(out)
+        if self.semantic is not None:
+            self.semantic.save(str(out / CODEBOOK_FILE))
         src = self.instructions.source or DEFAULT_TEMPLATES
         if Path(src).resolve() != (out / TEMPLATES_FILE).resolve():
             shutil.copyfile(src, out / TEMPLATES_FILE)
@@ -475,10 +502,14 @@ class Recommender:
                     if len(take) < len(missing):
                         left = set(missing[len(take) :])
                         servable = Catalog(item for item in catalog if item.item_id not in left)
+            elif self.scheme == "semantic":
+                self._code_new_items(catalog, self.extends_items if extend is None else extend)
+            codes = {**self.item_codes, **self._provisional_codes}
             self.catalog = catalog
-            self.names = identifiers(catalog, self.scheme)
+            self.names = identifiers(catalog, self.scheme, codes)
             self.texts = item_texts(catalog)
-            self.trie = build_trie(servable, self.scheme, self.encode_target)
+            encode = self._encode_code if self.scheme == "semantic" else self.encode_target
+            self.trie = build_trie(servable, self.scheme, encode, codes=codes)
             # When every identifier is one token followed by EOS, the first decoding step already
             # ranks whole items exactly, so `recommend` can read all scores from one step.
             eos = self.tokenizer.eos_token_id
@@ -486,6 +517,72 @@ class Recommender:
             single = all(len(p) == 2 and p[1] == eos for p in paths.values())
             self._single = {p[0]: i for i, p in paths.items()} if single else {}
             self._single_items = list(self._single.values())
+
+    # ---------------------------------------------------------------- semantic ids
+
+    def _load_semantic(self, path: Path, path_or_id: str, train: bool) -> None:
+        """A saved semantic model's codebook and codes. A checkpoint without them can only be
+        trained (which fits them: `use_semantic`), never served."""
+        if (path / CODEBOOK_FILE).is_file():
+            self.semantic = SemanticIds.load(str(path / CODEBOOK_FILE))
+            self.item_codes = read_codes(str(path / CODES_FILE)) if (path / CODES_FILE).is_file() else {}
+            missing = [t for t in self.semantic.tokens if t not in self.tokenizer.get_added_vocab()]
+            if missing:
+                raise ModelError(f"{path_or_id}: its tokenizer lacks {len(missing)} code token(s), e.g. {missing[:3]}")
+        elif not train:
+            raise ModelError(
+                f"{path_or_id} has no {CODEBOOK_FILE}: the semantic scheme serves a model trained with it "
+                "(streamrec train --scheme semantic)"
+            )
+
+    def use_semantic(self, semantic: SemanticIds, codes: Mapping[str, Code]) -> None:
+        """Name items by `semantic`'s codes from now on: the code tokens join the vocabulary (rows
+        that start at the vocabulary's mean, with a little noise of their own) and the trie is rebuilt.
+        For a pretrained checkpoint about to be fine-tuned under `semantic`."""
+        with self._lock:
+            known = self.tokenizer.get_added_vocab()
+            self._add_item_tokens([t for t in semantic.tokens if t not in known])
+            self.semantic, self.item_codes = semantic, dict(codes)
+            self.set_catalog(self.catalog)
+
+    def _code_new_items(self, catalog: Catalog, extend: bool) -> None:
+        """Codes for catalog items that the codes in service lack, from their text: the codes
+        themselves with `extend` (the trainer's), else provisional ones when `provisional_items`
+        (given way to the next artifact's). The code vocabulary is fixed, so no row is ever added."""
+        self._provisional_codes = {}
+        if self.semantic is None:
+            return
+        missing = [i for i in catalog.ids if i not in self.item_codes]
+        if not missing or not (extend or self.provisional_items):
+            return
+        texts = item_texts(catalog)
+        new = self.semantic.assign(missing, [code_source(texts, i) for i in missing], self.item_codes)
+        if extend:
+            self.item_codes = {**self.item_codes, **new}
+        else:
+            self._provisional_codes = new
+
+    def _encode_code(self, text: str) -> list[int]:
+        """A code's token ids and EOS, read off the vocabulary: a code is its tokens, one per level."""
+        tokens = [t + ">" for t in text.split(">") if t]
+        ids = self.tokenizer.convert_tokens_to_ids(tokens)
+        return [*ids, int(self.tokenizer.eos_token_id)]
+
+    @property
+    def code_token_ids(self) -> list[int]:
+        """Under `semantic`: the ids of the whole code vocabulary."""
+        if self.semantic is None:
+            return []
+        ids: list[int] = self.tokenizer.convert_tokens_to_ids(self.semantic.tokens)
+        return ids
+
+    def _adapter_codes(self, adapter_dir: str) -> dict[str, Code] | None:
+        """Under `semantic`: the codes in service extended by an adapter's (ModelError when they
+        conflict); None for other schemes or an adapter without codes."""
+        path = Path(adapter_dir) / CODES_FILE
+        if self.scheme != "semantic" or not path.is_file():
+            return None
+        return merged_codes(self.item_codes, read_codes(str(path)), f"adapter {adapter_dir!r}")
 
     def _rows(self) -> int:
         """The embedding's rows: the tokenizer's ids plus any spare ones."""
@@ -579,10 +676,13 @@ class Recommender:
         return out
 
     def save_item_tokens(self, out_dir: str | Path) -> None:
-        """Write the item mapping beside a model or adapter (`item_token` scheme only)."""
+        """Write the item mapping beside a model or adapter: item -> token id under `item_token`,
+        item -> code under `semantic` (the provisional ones never)."""
         if self.scheme == "item_token":
             mapping = dict(sorted(self.item_tokens.items(), key=lambda kv: kv[1]))
             (Path(out_dir) / ITEM_TOKENS_FILE).write_text(json.dumps(mapping, indent=0))
+        elif self.scheme == "semantic":
+            write_codes(str(Path(out_dir) / CODES_FILE), self.item_codes)
 
     def _adapter_item_tokens(self, adapter_dir: str) -> list[str] | None:
         """The items an adapter's mapping brings (to add, in id order), once it is known to extend
@@ -666,8 +766,10 @@ class Recommender:
         name = version or Path(adapter_dir).name
         with self._lock:
             self._drop_provisional()
+            codes_before = self.item_codes
             try:
                 add = self._adapter_item_tokens(adapter_dir)
+                codes = self._adapter_codes(adapter_dir)
                 if (
                     add is not None
                     and hasattr(self.model, "peft_config")
@@ -679,11 +781,14 @@ class Recommender:
                         f"{add[:3]}), more than the spare rows left under the adapter in service; restart the worker"
                     )
                 saved = self._apply_item_tokens(add) if add is not None else None
+                if codes is not None:
+                    self.item_codes = codes
                 try:
                     self._load_adapter(adapter_dir, name, blend)
                 except ModelError:
                     if saved is not None:
                         self._undo_item_tokens(saved)
+                    self.item_codes = codes_before
                     raise
             finally:
                 # The items it brought are recommendable now; the rest of the new ones provisionally again.
@@ -1120,12 +1225,17 @@ class Recommender:
 
     def add_lora(self, r: int, alpha: int, dropout: float, *, train_items: bool = False) -> None:
         """Wrap the model in a fresh LoRA adapter (on the attention's q and v): only it trains. With
-        `train_items` (one-token-per-item schemes) the item tokens' embedding rows train too, and
+        `train_items` the item tokens' (under `semantic`, the code tokens') embedding rows train too, and
         are saved in the adapter: attention alone cannot make the model name an item whose
         embedding never learned anything (an item new since the bootstrap)."""
         from peft import LoraConfig, TaskType, get_peft_model
 
-        tokens = sorted(self.item_token_ids) if train_items and self._single else None
+        if train_items and self._single:
+            tokens: list[int] | None = sorted(self.item_token_ids)
+        elif train_items and self.scheme == "semantic":
+            tokens = sorted(self.code_token_ids)
+        else:
+            tokens = None
         indices: list[int] | dict[str, list[int]] | None = tokens
         if tokens is not None and _own_head(self.model):
             # A head of its own (T5 v1.1, Flan): the item tokens' output rows train too, apart from
@@ -1158,6 +1268,8 @@ class Recommender:
             if (add := self._adapter_item_tokens(adapter_dir)) is not None:
                 # Its mapping before any id of this process's: the adapter's item rows are its items'.
                 self._apply_item_tokens(add)
+            if (codes := self._adapter_codes(adapter_dir)) is not None:
+                self.item_codes = codes
             missing = sorted(i for i in self.catalog.ids if i not in self.item_tokens) if extend else []
             if missing and self.scheme == "item_token":
                 first = len(self.tokenizer)
@@ -1165,7 +1277,8 @@ class Recommender:
                 new_ids = list(range(first, len(self.tokenizer)))
             else:
                 new_ids = []
-            self.set_catalog(self.catalog, extend=False)  # its rows would not fit the adapter's
+            # Item rows would not fit the adapter's; codes need none, so the trainer codes new items here.
+            self.set_catalog(self.catalog, extend=extend and self.scheme == "semantic")
         try:
             with tempfile.TemporaryDirectory(prefix="streamrec-grown-") as grown:
                 source = _grown_adapter(adapter_dir, grown, self.model, new_ids) if new_ids else adapter_dir
@@ -1178,8 +1291,8 @@ class Recommender:
             raise ModelError(f"cannot load adapter {adapter_dir!r} for training: {exc}") from exc
 
     def save_adapter(self, out_dir: str | Path) -> None:
-        """Write only the LoRA weights (adapter_config.json + adapter_model.safetensors) and, under
-        `item_token`, the item mapping they were trained with (ITEM_TOKENS_FILE)."""
+        """Write only the LoRA weights (adapter_config.json + adapter_model.safetensors) and the item
+        mapping they were trained with (ITEM_TOKENS_FILE under `item_token`, CODES_FILE under `semantic`)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         # Never the whole embedding, which peft would save once the vocabulary has grown: each worker

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from streamrec.catalog import Catalog, SchemeName
+from streamrec.codes import Code, SemanticIds, code_source, fit_semantic_ids
 from streamrec.datasets import Split
-from streamrec.instructions import Instructions, RecRequest, TrainingPair, training_pairs
+from streamrec.instructions import Instructions, RecRequest, TrainingPair, item_texts, training_pairs
 from streamrec.model.recommender import Recommender, TinyConfig, Trainer, dtype_name, seed_everything
 from streamrec.ranking import rank_metrics
 from streamrec.settings import TrainSettings
@@ -222,6 +223,17 @@ def cooccurrence_embeddings(
     return out
 
 
+def semantic_ids(
+    split: Split, catalog: Catalog, *, seed: int = 0, dim: int = 32
+) -> tuple[SemanticIds, dict[str, Code]]:
+    """The `semantic` scheme's codebook and codes for `catalog`, from each item's text and its
+    co-occurrence vector in `split.train` (zero for items the log never shows)."""
+    ids = catalog.ids
+    texts = item_texts(catalog)
+    cooc = cooccurrence_embeddings(split.train, ids, dim, seed=seed)
+    return fit_semantic_ids(ids, [code_source(texts, i) for i in ids], cooc, seed=seed)
+
+
 def validation_ndcg(rec: Recommender, split: Split, users: list[str]) -> dict[str, float]:
     """HR/NDCG@10 on the validation items of `users`, history items excluded (the eval protocol)."""
     requests = [RecRequest(tuple(split.train[u]), frozenset(h.item_id for h in split.train[u]), None) for u in users]
@@ -256,6 +268,10 @@ def train(
     out = Path(out_dir)
 
     # 1. The model: tiny from scratch, a pretrained checkpoint to fine-tune, or LoRA on a model dir.
+    semantic = None
+    if scheme == "semantic" and not lora:
+        # Codes from the items' text and their co-occurrence in the training log.
+        semantic = semantic_ids(split, catalog, seed=cfg.seed)
     if base == "tiny" and not lora:
         instructions = instructions or Instructions.load()
         tiny = TinyConfig.from_settings(cfg)
@@ -268,6 +284,7 @@ def train(
             scheme=scheme or "item_token",
             dtype=dtype,
             train=True,
+            semantic=semantic,
         )
         lr = cfg.lr
     else:
@@ -283,6 +300,8 @@ def train(
             train=True,
         )
         lr = cfg.lora_lr if lora else cfg.finetune_lr
+        if semantic is not None and rec.semantic is None:
+            rec.use_semantic(*semantic)
     if base == "tiny" and not lora and rec.scheme == "item_token":
         ids = rec.trie_items
         rec.set_item_embeddings(ids, cooccurrence_embeddings(split.train, ids, rec.d_model, seed=cfg.seed))
