@@ -537,11 +537,24 @@ class Recommender:
 
     def use_semantic(self, semantic: SemanticIds, codes: Mapping[str, Code]) -> None:
         """Name items by `semantic`'s codes from now on: the code tokens join the vocabulary (rows
-        that start at the vocabulary's mean, with a little noise of their own) and the trie is rebuilt.
+        spread like the vocabulary's, from noise of their own) and the trie is rebuilt.
         For a pretrained checkpoint about to be fine-tuned under `semantic`."""
         with self._lock:
             known = self.tokenizer.get_added_vocab()
-            self._add_item_tokens([t for t in semantic.tokens if t not in known])
+            new = [t for t in semantic.tokens if t not in known]
+            self._add_item_tokens(new)
+            # Spread like the vocabulary's rows, not bunched at its mean: codes that start alike would
+            # take many steps to tell apart.
+            model = _base_t5(self.model)
+            ids = self.tokenizer.convert_tokens_to_ids(new)
+            heads = [model.get_output_embeddings()] if _own_head(model) else []
+            with torch.no_grad():
+                for m, module in enumerate([model.get_input_embeddings(), *heads]):
+                    matrix = _base_weight(module)
+                    vocab = matrix[: self.base_vocab].double()
+                    noise = torch.stack([_token_noise(t, m, matrix.shape[1]) for t in new]).double()
+                    rows = vocab.mean(dim=0) + vocab.std(dim=0) * noise
+                    matrix[ids] = rows.to(matrix.dtype).to(matrix.device)
             self.semantic, self.item_codes = semantic, dict(codes)
             self.set_catalog(self.catalog)
 

@@ -92,11 +92,25 @@ def test_train_honours_the_scheme_setting_on_a_plain_checkpoint(log: tuple[Path,
     assert tuned.scheme == "item_token" and item_token("i3") in tuned.tokenizer.get_vocab()
 
 
+def test_eval_with_semantic_ids_reports_the_served_blend_and_the_t5_alone(
+    log: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    data, _, _ = log
+    out = tmp_path / "report.json"
+    result = invoke("eval", "--data", str(data), "--out", str(out), "--scheme", "semantic")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["scheme"] == "semantic" and report["training"]["scheme"] == "semantic"
+    trained = Path(report["model_dir"])
+    assert saved_scheme(trained) == "semantic" and (trained / "codebook.npz").is_file()
+    assert {"streamrec", "streamrec-t5", "itemknn", "markov"} <= set(report["models"]), report["models"]
+
+
 def test_the_base_and_scheme_flags_refuse_what_they_cannot_do(log: tuple[Path, Path, Path], tmp_path: Path) -> None:
     data, saved, _ = log
     out = str(tmp_path / "x")
-    bad = invoke("train", "--data", str(data), "--out", out, "--base", str(saved), "--scheme", "semantic")
-    assert bad.exit_code == 2 and "--scheme must be one of item_token, title" in said(bad)
+    bad = invoke("train", "--data", str(data), "--out", out, "--base", str(saved), "--scheme", "codes")
+    assert bad.exit_code == 2 and "--scheme must be one of item_token, title, semantic" in said(bad)
     both = invoke("eval", "--data", str(data), "--out", out, "--model", str(saved), "--base", str(saved))
     assert both.exit_code == 2 and "leave out --base and --scheme" in said(both)
     lora = invoke("train", "--data", str(data), "--out", out, "--base", str(saved), "--lora", "--scheme", "title")

@@ -128,3 +128,38 @@ def test_an_item_published_mid_stream_gets_a_code_and_is_recommended_after_one_i
             assert "m0" in [s.item_id for s in lst], (blend, lst)
         for lst in rec.recommend(elsewhere, k=10, blend=blend):
             assert lst[0].item_id != "m0", (blend, lst)
+
+
+def test_on_a_flan_shaped_checkpoint_codes_join_its_vocabulary_and_a_lora_trains_their_rows(
+    flan_checkpoint: Path, tmp_path: Path
+) -> None:
+    """`streamrec train --base DIR --scheme semantic` on a Flan-shaped hub directory (Unigram
+    tokenizer, untied head, spare rows), then `--lora` on the result: both learn the walk, and the
+    adapter trains the code tokens' input and output rows and carries the codes."""
+    from flan_walks import bootstrap
+
+    model, report = bootstrap(flan_checkpoint, tmp_path / "full", scheme="semantic")
+    assert report.scheme == "semantic" and report.best_val_ndcg10 > 0.6, report.history
+    rec = Recommender.load(str(model), "cpu")
+    assert rec.semantic is not None and rec.tokenizer.pad_token_id == 0 and rec.tokenizer.eos_token_id == 1
+    req = RecRequest(tuple(HistoryItem(i) for i in walk(3, 4)), frozenset(walk(3, 4)))
+    pieces = rec.tokenizer.convert_ids_to_tokens(rec.tokenizer(rec.instruction(req)).input_ids)
+    code = rec.tokenizer.convert_ids_to_tokens(list(rec.trie.path("i3")[:-1]))
+    assert "".join(code) == rec.names["i3"] and code == pieces[pieces.index(code[0]) :][: len(code)]
+    assert rec.recommend([req], k=3, blend=False)[0][0].item_id == "i7"
+
+    adapter, lora = bootstrap(model, tmp_path / "lora", lora=True, epochs=2)
+    assert lora.best_val_ndcg10 > 0.6, lora.history
+    assert json.loads((adapter / CODES_FILE).read_text()).keys() == rec.item_codes.keys()
+    served = Recommender.load(str(adapter), "cpu")
+    assert served.adapter_version == "lora" and served.item_codes == rec.item_codes
+    assert served.recommend([req], k=3, blend=False)[0][0].item_id == "i7"
+
+    # An online increment's adapter (train_items) trains the code tokens' rows, in the input
+    # embedding and in the head of its own.
+    trainer = Recommender.load(str(model), "cpu", train=True)
+    trainer.add_lora(4, 8, 0.0, train_items=True)
+    trainer.save_adapter(tmp_path / "increment")
+    trained = json.loads((tmp_path / "increment" / "adapter_config.json").read_text())["trainable_token_indices"]
+    assert isinstance(trained, dict) and len(trained) == 2
+    assert all(sorted(rows) == sorted(rec.code_token_ids) for rows in trained.values())
