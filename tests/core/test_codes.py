@@ -73,3 +73,46 @@ def test_too_many_twins_for_every_cell_is_a_clear_error() -> None:
     book = Codebook(fit_codebook(x, levels=1, k=2, seed=0).centroids, collision_size=1)
     with pytest.raises(ModelError, match="no room left"):
         assign_codes(book, ["a", "b", "c"], np.repeat(x[:1], 3, axis=0))
+
+
+def test_items_with_history_are_coded_by_it_and_new_ones_through_their_text(tmp_path: Path) -> None:
+    """Two groups of items whose titles say nothing of which group they are in, but whose history
+    does: the first level follows the history. A new item without history whose title shares a word
+    with one group's titles is coded into that group's first-level cell (through the ridge map from
+    text to co-occurrence vectors), and the codebook with its map survives a save."""
+    from streamrec.codes import SemanticIds, auto_k, fit_semantic_ids
+
+    rng = np.random.default_rng(0)
+    items = [f"i{n}" for n in range(200)]
+    group = np.arange(200) % 2
+    texts = [f"{'red' if g else 'blue'} thing {rng.integers(10**6)}" for g in group]
+    centres = np.array([[5.0, 0, 0, 0], [0, 5.0, 0, 0]], dtype=np.float32)
+    cooc = (centres[group] + rng.standard_normal((200, 4)) * 0.1).astype(np.float32)
+    cooc[-1] = 0  # the last item has no history
+    ids, codes = fit_semantic_ids(items, texts, cooc, levels=2, k=2, seed=0)
+    assert auto_k(1682, 3) == 24 and auto_k(10**6, 3) == 200 and auto_k(10, 3) == 4
+    first = {codes[i][0] for i, g in zip(items, group, strict=True) if g == 0}
+    assert len(first) == 1 and first != {codes[i][0] for i, g in zip(items, group, strict=True) if g == 1}
+    assert codes["i199"][0] == codes["i197"][0]  # coded by its words: the red items' cell
+    new = ids.assign(["fresh"], ["red parcel"], codes)
+    assert new["fresh"][0] == codes["i1"][0] and new["fresh"] not in codes.values()
+    ids.save(str(tmp_path / "codebook.npz"))
+    again = SemanticIds.load(str(tmp_path / "codebook.npz"))
+    assert again.assign(["fresh"], ["red parcel"], codes) == new
+
+
+def test_an_artifacts_codes_extend_those_in_service_or_are_refused(tmp_path: Path) -> None:
+    from streamrec.codes import merged_codes, read_codes, write_codes
+
+    served = {"a": (0, 0, 0), "b": (0, 1, 0)}
+    assert merged_codes(served, {"a": (0, 0, 0), "c": (1, 0, 0)}, "x") == {**served, "c": (1, 0, 0)}
+    assert merged_codes(served, {"a": (0, 0, 0)}, "x") == served  # an older adapter names fewer items
+    with pytest.raises(ModelError, match="differ from those in service"):
+        merged_codes(served, {"a": (0, 1, 0), "b": (0, 0, 0)}, "x")
+    with pytest.raises(ModelError, match="one code to two items"):
+        merged_codes(served, {"c": (0, 1, 0)}, "x")
+    write_codes(str(tmp_path / "codes.json"), served)
+    assert read_codes(str(tmp_path / "codes.json")) == served
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="unreadable item codes"):
+        read_codes(str(tmp_path / "bad.json"))
