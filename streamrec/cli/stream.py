@@ -205,11 +205,12 @@ def bench_ingest(
     events: int = typer.Option(50_000, help="Events to push through both consumers."),
     users: int = typer.Option(2_000, help="Distinct users in the simulated stream."),
     out: Path = typer.Option(Path("bench-ingest.json"), help="Where to write the JSON report."),
+    profile: Path | None = typer.Option(None, help="Run the ingest worker under cProfile, statistics to this file."),
 ) -> None:
     """Ingest worker events/s against a raw aiokafka consumer on the same broker and events."""
     from streamrec.lab.bench.ingest import run
 
-    run(events, out, users=users)
+    run(events, out, users=users, profile=profile)
 
 
 @bench_app.command("infer")

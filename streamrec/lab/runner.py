@@ -20,13 +20,24 @@ from streamrec.kafka.broker import die_with_parent
 from streamrec.settings import KafkaSettings, Settings, to_env
 
 
-def spawn_worker(role: str, settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    role: str, settings: Settings, log: Path | None = None, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
     """`streamrec worker ROLE` in a child process configured by `settings`."""
+    return spawn_module(["streamrec", "worker", role, "--no-create"], settings, log=log, profile=profile)
+
+
+def spawn_module(
+    args: list[str], settings: Settings, log: Path | None = None, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m ARGS` in a child process configured by `settings`; under cProfile when `profile`
+    names where to write its statistics (written when the process stops on SIGTERM)."""
     out: IO[bytes] | int = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")} | to_env(settings)
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "streamrec", "worker", role, "--no-create"],
+            [sys.executable, *profiler, "-m", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -1,10 +1,12 @@
-"""Ingest throughput: the faust ingest worker against a raw aiokafka consumer that only decodes,
-on the same broker and the same pre-loaded events, in one run."""
+"""Ingest throughput: the faust ingest worker against a raw aiokafka consumer that only decodes and
+against a bare faust agent that only decodes (the faust floor), on the same broker and the same
+pre-loaded events, in one run."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -18,7 +20,7 @@ from streamrec.kafka.clients import aio_consumer
 from streamrec.kafka.offsets import wait_caught_up
 from streamrec.kafka.topics import create_topics, read_topic, tagged_topics
 from streamrec.lab.bench import machine, write_report
-from streamrec.lab.runner import spawn_worker, stop_process, wait_http
+from streamrec.lab.runner import spawn_module, spawn_worker, stop_process, wait_http
 from streamrec.lab.simulate import SimConfig, generate_events
 from streamrec.lab.traffic import send_events
 from streamrec.settings import KafkaSettings, Settings
@@ -49,7 +51,27 @@ async def raw_consume(kafka: KafkaSettings, topics: list[str], count: int) -> tu
         await consumer.stop()
 
 
-def run(events: int, out: Path, users: int = 2_000, items: int = 2_000) -> dict[str, Any]:
+def faust_floor(settings: Settings, count: int, workdir: Path) -> tuple[int, float]:
+    """Run the bare faust agent (streamrec.lab.bench.floor) over the `count` events from the start;
+    returns (events, seconds from its first batch to its last)."""
+    done = workdir / "floor.json"
+    floor = settings.model_copy(update={"app_id": f"{settings.app_id}-floor", "data_dir": workdir / "floor"})
+    proc = spawn_module(["streamrec.lab.bench.floor", str(count), str(done)], floor, log=workdir / "floor.log")
+    try:
+        deadline = time.monotonic() + 1800
+        while not done.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the faust floor agent stopped before {count} events; see {workdir / 'floor.log'}")
+            time.sleep(0.2)
+    finally:
+        stop_process(proc)
+    result = json.loads(done.read_text())
+    return result["events"], result["last"] - result["first"]
+
+
+def run(
+    events: int, out: Path, users: int = 2_000, items: int = 2_000, profile: Path | None = None
+) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     with contextlib.ExitStack() as stack:
         settings = Settings()
@@ -79,9 +101,10 @@ def run(events: int, out: Path, users: int = 2_000, items: int = 2_000) -> dict[
         inputs = [topics.clicks, topics.purchases]
 
         n_raw, raw_s = asyncio.run(raw_consume(kafka, inputs, len(stream)))
+        n_floor, floor_s = faust_floor(settings, len(stream), workdir)
 
         log = workdir / "worker.log"
-        proc = spawn_worker("ingest", settings, log=log)
+        proc = spawn_worker("ingest", settings, log=log, profile=profile)
         try:
             wait_http(f"http://127.0.0.1:{settings.web_port}/healthz", timeout=120, proc=proc)
             wait_caught_up(kafka, settings.app_id, stats.ends, timeout=1800, proc=proc)
@@ -91,7 +114,7 @@ def run(events: int, out: Path, users: int = 2_000, items: int = 2_000) -> dict[
         stamps = [r.timestamp for r in read_topic(kafka, topics.history_updates, timeout=120)]
         worker_s = (max(stamps) - min(stamps)) / 1000
 
-    raw_rate = n_raw / raw_s
+    raw_rate, floor_rate = n_raw / raw_s, n_floor / floor_s
     worker_rate = len(stream) / worker_s
     report = {
         "benchmark": "ingest",
@@ -105,7 +128,14 @@ def run(events: int, out: Path, users: int = 2_000, items: int = 2_000) -> dict[
             "batch_size": settings.ingest.batch_size,
         },
         "raw_consumer": {"events_per_s": raw_rate, "seconds": raw_s, "decodes": "json + Event validation"},
+        "faust_floor": {
+            "events_per_s": floor_rate,
+            "seconds": floor_s,
+            "does": "a faust agent configured and batching like the ingest worker, decoding each event; no table",
+        },
         "ratio": worker_rate / raw_rate,
+        "ratio_floor_raw": floor_rate / raw_rate,
+        "ratio_worker_floor": worker_rate / floor_rate,
         "machine": machine(),
     }
     write_report(
@@ -115,7 +145,10 @@ def run(events: int, out: Path, users: int = 2_000, items: int = 2_000) -> dict[
             ("events", f"{len(stream):,}"),
             ("ingest worker events/s", f"{worker_rate:,.0f}"),
             ("raw aiokafka consumer events/s", f"{raw_rate:,.0f}"),
+            ("faust floor (decode only) events/s", f"{floor_rate:,.0f}"),
             ("ratio worker / raw", f"{worker_rate / raw_rate:.2f}"),
+            ("ratio faust floor / raw", f"{floor_rate / raw_rate:.2f}"),
+            ("ratio worker / faust floor", f"{worker_rate / floor_rate:.2f}"),
         ],
         title=f"ingest benchmark ({broker_name})",
     )
