@@ -69,9 +69,7 @@ def faust_floor(settings: Settings, count: int, workdir: Path) -> tuple[int, flo
     return result["events"], result["last"] - result["first"]
 
 
-def run(
-    events: int, out: Path, users: int = 2_000, items: int = 2_000, profile: Path | None = None
-) -> dict[str, Any]:
+def run(events: int, out: Path, users: int = 2_000, items: int = 2_000, profile: Path | None = None) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     with contextlib.ExitStack() as stack:
         settings = Settings()
