@@ -267,6 +267,7 @@ def bench_e2e(
     users: int = typer.Option(2_000, help="Simulated users (fewer users: more events per user per batch)."),
     items: int = typer.Option(1_000, help="Catalog size."),
     out: Path = typer.Option(Path("bench-e2e.json"), help="Where to write the JSON report."),
+    profile: Path | None = typer.Option(None, help="Run both workers under cProfile, statistics in this directory."),
 ) -> None:
     """Freshness (trigger event in Kafka -> recommendation in Kafka) p50/p99 of the served model at a
     fixed event rate, or the highest rate that keeps p99 under a bound; consumer lag per worker."""
@@ -283,6 +284,7 @@ def bench_e2e(
         steps=steps,
         users=users,
         items=items,
+        profile=profile,
     )
 
 

@@ -221,10 +221,12 @@ def run(
     warmup: float = 15.0,
     users: int = 2_000,
     items: int = 1_000,
+    profile: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """One stage at `rate` for `duration` seconds, or with `sweep`, stages from `rate` up (see
-    sweep_rates). `model`: a model directory to serve (with its blend.npz); None trains one first."""
+    sweep_rates). `model`: a model directory to serve (with its blend.npz); None trains one first.
+    `profile`: a directory for the workers' cProfile statistics."""
     base = Settings()
     cfg = SimConfig(users=users, items=items, seed=3)
     stream = generate_events(cfg, 100_000_000)
@@ -239,7 +241,7 @@ def run(
         served = base.model.model_copy(update={"base": model, "threads": threads})
         settings = stack.enter_context(local_stack(base.model_copy(update={"model": served}), log))
         send_catalog(settings, make_catalog(cfg))
-        stack.enter_context(running_workers(settings, ("ingest", "infer"), log))
+        stack.enter_context(running_workers(settings, ("ingest", "infer"), log, profile=profile))
         pipeline = Pipeline(settings, stream)
         done = threading.Event()
         stack.callback(done.set)
