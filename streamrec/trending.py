@@ -6,10 +6,10 @@ top items; inference workers add the latest snapshot of every partition together
 from __future__ import annotations
 
 import math
-from operator import itemgetter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import itemgetter
 
 from streamrec.errors import InvalidMessage
 from streamrec.events import Event, TrendingSnapshot, parse
