@@ -27,9 +27,12 @@ def test_doubling_then_bisection_brackets_the_capacity() -> None:
     assert len(stages) == len(tried) == 7
 
 
-def test_a_first_rate_over_the_bound_gives_none_and_one_that_never_fails_stops_at_the_cap() -> None:
-    _, measure = stage_at(100)
-    assert sweep_rates(measure, 250, bound_s=1.0, max_rate=16_000, steps=3)[0] is None
+def test_a_first_rate_over_the_bound_halves_down_and_one_that_never_fails_stops_at_the_cap() -> None:
+    tried, measure = stage_at(100)
+    best, _ = sweep_rates(measure, 250, bound_s=1.0, max_rate=16_000, steps=3)
+    assert tried[:3] == [250, 125, 62.5] and best is not None and 62.5 <= best <= 100
+    _, measure = stage_at(10)
+    assert sweep_rates(measure, 250, bound_s=1.0, max_rate=16_000, steps=3)[0] is None  # below min_rate
     tried, measure = stage_at(10**9)
     best, _ = sweep_rates(measure, 1_000, bound_s=1.0, max_rate=4_000, steps=3)
     assert best == 4_000 and tried == [1_000, 2_000, 4_000]

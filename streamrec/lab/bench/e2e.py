@@ -113,6 +113,26 @@ class Pipeline:
             time.sleep(0.5)
         return False
 
+    def warm_up(self, rate: float, timeout: float = 300.0) -> float:
+        """Send at `rate` until the first recommendation arrives (group joins, catalog, model load),
+        then let both groups drain; returns the seconds it took. Stages start from a quiet pipeline."""
+        started, stop = time.monotonic(), threading.Event()
+        sender = threading.Thread(
+            target=send_events,
+            kwargs={"settings": self.settings, "events": self.stream, "rate": rate, "stats": self.sent, "stop": stop},
+            daemon=True,
+        )
+        sender.start()
+        while not self.recs and time.monotonic() - started < timeout:
+            time.sleep(0.5)
+        time.sleep(5.0)  # a few seconds of steady traffic past the first answer
+        stop.set()
+        sender.join(timeout=30)
+        if not self.recs:
+            raise RuntimeError(f"no recommendation within {timeout:.0f}s; see the worker logs")
+        self.drain(timeout=120.0)
+        return time.monotonic() - started
+
     def stage(self, rate: float, duration: float, warmup: float, bound_s: float) -> Stage:
         stop = threading.Event()
         sender = threading.Thread(
@@ -179,23 +199,28 @@ def _summary(stage: dict[str, Any]) -> str:
 
 
 def sweep_rates(
-    measure: Callable[[float], Stage], start: float, bound_s: float, max_rate: float, steps: int
+    measure: Callable[[float], Stage], start: float, bound_s: float, max_rate: float, steps: int, min_rate: float = 25.0
 ) -> tuple[float | None, list[Stage]]:
-    """Double the rate from `start` while freshness p99 < `bound_s`, then bisect `steps` times
-    between the last rate that held and the first that did not. Returns (highest rate that held,
-    every stage in the order run)."""
+    """Double the rate from `start` while freshness p99 < `bound_s` (or halve it, down to `min_rate`,
+    while it is not), then bisect `steps` times between the highest rate that held and the lowest
+    that did not. Returns (highest rate that held, every stage in the order run)."""
     stages: list[Stage] = []
     good: float | None = None
     bad: float | None = None
     rate = start
-    while rate <= max_rate:
+    while min_rate <= rate <= max_rate:
         stage = measure(rate)
         stages.append(stage)
         if stage.p99 < bound_s:
-            good, rate = rate, rate * 2
+            good = rate
+            if bad is not None:
+                break
+            rate *= 2
         else:
             bad = rate
-            break
+            if good is not None:
+                break
+            rate /= 2
     if good is None or bad is None:
         return good, stages
     for _ in range(steps):
@@ -218,13 +243,14 @@ def run(
     bound_s: float = 1.0,
     max_rate: float = 16_000.0,
     steps: int = 3,
-    warmup: float = 15.0,
+    warmup: float = 3.0,
     users: int = 2_000,
     items: int = 1_000,
     profile: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """One stage at `rate` for `duration` seconds, or with `sweep`, stages from `rate` up (see
+    """After a warm-up (until the first recommendation, then drained), one stage at `rate` for
+    `duration` seconds after `warmup` seconds of ramp, or with `sweep`, stages from `rate` (see
     sweep_rates). `model`: a model directory to serve (with its blend.npz); None trains one first.
     `profile`: a directory for the workers' cProfile statistics."""
     base = Settings()
@@ -247,11 +273,11 @@ def run(
         stack.callback(done.set)
         collector = threading.Thread(target=_collect, args=(settings, pipeline.recs, done), daemon=True)
         collector.start()
-        # The first stage also waits out the group joins, the catalog and the model load.
-        first = {"warmup": warmup}
+        log(f"warming up at {rate:g} events/s until the first recommendation")
+        warmed_s = pipeline.warm_up(rate)
 
         def measure(r: float) -> Stage:
-            stage = pipeline.stage(r, duration, first.pop("warmup", 3.0), bound_s)
+            stage = pipeline.stage(r, duration, warmup, bound_s)
             log(f"{r:,.0f} events/s: {_summary(stage.report)}, bottleneck {stage.report['bottleneck']}")
             return stage
 
@@ -277,6 +303,7 @@ def run(
         "freshness_bound_s": bound_s,
         "highest_rate_under_bound": best,
         "duration_s": duration,
+        "warm_up_s": warmed_s,
         "note": "one recommendation per user per micro-batch: events of the same user within a batch share one; "
         "consumer lag is of committed offsets (committed every second)",
         "users": users,
