@@ -30,6 +30,7 @@ from streamrec.lab.traffic import SendStats, send_catalog, send_events
 from streamrec.settings import Settings
 
 TRAIN_EVENTS = 15_000  # the start of the simulated stream, which the tiny model learns from
+BEHIND_S = 2.0  # lag (in seconds of input) beyond which a group is behind: commits go every second
 
 
 def _collect(settings: Settings, out: list[tuple[float, str]], stop: threading.Event) -> None:
@@ -172,9 +173,11 @@ class Pipeline:
             else {}
         )
         rate_sent = sent_in_window / (window_end - window_start)
-        # The bottleneck: the group furthest behind, in seconds of its input at the rate sent.
+        # The bottleneck: the group furthest behind, in seconds of its input at the rate sent. Up to
+        # BEHIND_S is the commit interval and a batch in flight, not a backlog: then neither is, and
+        # the latency is each message's own (scheduling, fetch waits), not a worker falling behind.
         behind = {role: lag / max(rate_sent, 1.0) for role, lag in lag_at_end.items()}
-        late = not f or f["p99"] >= bound_s
+        late = (not f or f["p99"] >= bound_s) and max(behind.values()) > BEHIND_S
         report = {
             "rate_target": rate,
             "rate_sent": rate_sent,
@@ -183,7 +186,8 @@ class Pipeline:
             "recommendations_in_window": len(freshness),
             "freshness_s": f,
             "consumer_lag_at_end": lag_at_end,
-            "bottleneck": max(behind, key=lambda r: behind[r]) if late and any(lag_at_end.values()) else None,
+            "behind_s": behind,
+            "bottleneck": max(behind, key=lambda r: behind[r]) if late else None,
             "drained_after": drained,
         }
         return Stage(rate, report)
