@@ -118,6 +118,10 @@ def faust_app(settings: Settings, role: str) -> faust.App:
         broker_heartbeat_interval=min(3.0, settings.session_timeout_s / 3),
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # faust's 16 KB batches hold less than one full history value, so each table write and
+        # history update went out as its own produce request; a few ms of linger fills requests.
+        producer_linger=0.005,
+        producer_max_batch_size=512 * 1024,
         key_serializer="raw",
         value_serializer="raw",
         # Commit often: a crash replays at most this much, and the dedup memory absorbs the replay.

@@ -12,7 +12,7 @@ from agents.app import IngestStreams, user_cache
 from agents.internals import bind_event
 from agents.supervision import dead_letter
 from streamrec.events import Event, kafka_time, utcnow
-from streamrec.history import apply_batch, decode_event, history_update, stored_state
+from streamrec.history import apply_batch, decode_event, encode_events, history_update_json, stored_state
 from streamrec.metrics import EVENTS_CONSUMED, EVENTS_DUPLICATE, HISTORY_UPDATES, INGEST_BATCH
 from streamrec.trending import PartitionTrending
 
@@ -40,13 +40,14 @@ def register(streams: IngestStreams) -> None:
         if not batch.accepted:
             return
         bind_event(arrivals[0][0])  # the dead letters above may have moved faust's current event
-        streams.histories[key] = batch.state.to_bytes()  # faust persists only on assignment
+        events_json = encode_events(batch.state.events)  # once, for the table value and the update
+        streams.histories[key] = batch.state.to_bytes(events_json)  # faust persists only on assignment
         cache.put(key, batch.state)
         trending.add(arrivals[0][0].message.partition, (arrivals[n][1] for n in batch.accepted))
         if batch.trigger is not None:
             raw, event = arrivals[batch.trigger]
-            update = history_update(batch.state, event, kafka_time(raw.message.timestamp))
-            await streams.history_updates.send(key=key, value=update.model_dump_json().encode())
+            update = history_update_json(events_json, event, kafka_time(raw.message.timestamp))
+            await streams.history_updates.send(key=key, value=update)
             HISTORY_UPDATES.inc()
 
     @app.agent(streams.events, name="ingest")

@@ -261,7 +261,7 @@ class FeedbackUser(BaseModel):
         """The user after `event` and the examples it makes: none for a duplicate (a redelivery after
         a restart counts once). The example's history is what came before the event in EVENT time
         (the newest `history_items` of it), so a late event is joined where it belongs."""
-        if event.event_id in self.state.seen:
+        if self.state.remembers(event.event_id):
             return self, []
         key = (event.ts.timestamp(), event.event_id)
         before = [e for e in self.state.events if (e.ts.timestamp(), e.event_id) < key][-history_items:]

@@ -205,11 +205,12 @@ def bench_ingest(
     events: int = typer.Option(50_000, help="Events to push through both consumers."),
     users: int = typer.Option(2_000, help="Distinct users in the simulated stream."),
     out: Path = typer.Option(Path("bench-ingest.json"), help="Where to write the JSON report."),
+    profile: Path | None = typer.Option(None, help="Run the ingest worker under cProfile, statistics to this file."),
 ) -> None:
     """Ingest worker events/s against a raw aiokafka consumer on the same broker and events."""
     from streamrec.lab.bench.ingest import run
 
-    run(events, out, users=users)
+    run(events, out, users=users, profile=profile)
 
 
 @bench_app.command("infer")
@@ -250,17 +251,41 @@ def demo(
 
 @bench_app.command("e2e")
 def bench_e2e(
-    rate: float = typer.Option(200.0, help="Events per second to drive."),
-    duration: float = typer.Option(60.0, help="Seconds measured (after a warm-up)."),
-    model: str = typer.Option("tiny", help="STREAMREC_MODEL__BASE for the inference worker."),
+    rate: float = typer.Option(200.0, help="Events per second to drive (with --sweep: the first rate tried)."),
+    duration: float | None = typer.Option(
+        None, help="Seconds measured per rate, after a warm-up (default 60; 15 per stage with --sweep)."
+    ),
+    sweep: bool = typer.Option(
+        False, help="Find the highest rate with freshness p99 under --bound: doubling, then bisection."
+    ),
+    bound: float = typer.Option(1.0, help="The freshness p99 bound of --sweep, in seconds."),
+    steps: int = typer.Option(3, help="Bisection steps of --sweep."),
+    max_rate: float = typer.Option(16_000.0, help="The highest rate --sweep tries."),
+    model: str | None = typer.Option(
+        None, help="A model directory to serve, with its blend.npz (default: train the tiny T5 and its blend first)."
+    ),
     users: int = typer.Option(2_000, help="Simulated users (fewer users: more events per user per batch)."),
     items: int = typer.Option(1_000, help="Catalog size."),
     out: Path = typer.Option(Path("bench-e2e.json"), help="Where to write the JSON report."),
+    profile: Path | None = typer.Option(None, help="Run both workers under cProfile, statistics in this directory."),
 ) -> None:
-    """Freshness (trigger event in Kafka -> recommendation in Kafka) p50/p99 at a fixed event rate."""
+    """Freshness (trigger event in Kafka -> recommendation in Kafka) p50/p99 of the served model at a
+    fixed event rate, or the highest rate that keeps p99 under a bound; consumer lag per worker."""
     from streamrec.lab.bench.e2e import run
 
-    run(rate, duration, out, model=model, users=users, items=items)
+    run(
+        rate,
+        duration or (15.0 if sweep else 60.0),
+        out,
+        model=None if model in (None, "tiny") else model,
+        sweep=sweep,
+        bound_s=bound,
+        max_rate=max_rate,
+        steps=steps,
+        users=users,
+        items=items,
+        profile=profile,
+    )
 
 
 @app.command()

@@ -51,3 +51,22 @@ def wait_caught_up(
         if time.monotonic() - start > timeout:
             raise StreamrecError(f"group {group} still {lag} messages behind after {timeout:.0f}s")
         time.sleep(0.25)
+
+
+def end_offsets(kafka: KafkaSettings, topics: Iterable[str]) -> dict[Any, int]:
+    """The broker's end offset of every partition of `topics` (the embedded broker's may trail the
+    last records a little: see topics.seal_partitions)."""
+    from kafka import TopicPartition
+
+    reader = consumer(kafka, enable_auto_commit=False)
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(reader.partitions_for_topic(t) or ())]
+        return dict(reader.end_offsets(tps))
+    finally:
+        reader.close()
+
+
+def group_lag(kafka: KafkaSettings, group: str, ends: Mapping[Any, int]) -> int:
+    """Messages of `ends` (TopicPartition -> next offset) that `group` has not committed yet."""
+    committed = committed_offsets(kafka, group, {tp.topic for tp in ends})
+    return sum(max(0, end - committed.get(tp, 0)) for tp, end in ends.items())

@@ -20,13 +20,24 @@ from streamrec.kafka.broker import die_with_parent
 from streamrec.settings import KafkaSettings, Settings, to_env
 
 
-def spawn_worker(role: str, settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    role: str, settings: Settings, log: Path | None = None, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
     """`streamrec worker ROLE` in a child process configured by `settings`."""
+    return spawn_module(["streamrec", "worker", role, "--no-create"], settings, log=log, profile=profile)
+
+
+def spawn_module(
+    args: list[str], settings: Settings, log: Path | None = None, profile: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """`python -m ARGS` in a child process configured by `settings`; under cProfile when `profile`
+    names where to write its statistics (written when the process stops on SIGTERM)."""
     out: IO[bytes] | int = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")} | to_env(settings)
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", "streamrec", "worker", role, "--no-create"],
+            [sys.executable, *profiler, "-m", *args],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -91,10 +102,10 @@ def local_stack(base: Settings, say: Callable[[str], None] = print) -> Iterator[
 
 @contextlib.contextmanager
 def running_workers(
-    settings: Settings, roles: Iterable[str], say: Callable[[str], None] = print
+    settings: Settings, roles: Iterable[str], say: Callable[[str], None] = print, profile: Path | None = None
 ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     """Start one worker per role (each on a free web port), wait until each answers, and stop them
-    all on exit, whatever happens."""
+    all on exit, whatever happens. `profile`: a directory for each worker's cProfile statistics."""
     from streamrec.kafka.broker import free_port
 
     logs = settings.data_dir / "logs"
@@ -104,7 +115,9 @@ def running_workers(
         for role in roles:
             role_settings = settings.model_copy(update={"web_port": free_port()})
             say(f"starting the {role} worker (log: {logs / role}.log)")
-            workers[role] = (spawn_worker(role, role_settings, log=logs / f"{role}.log"), role_settings.web_port)
+            stats = profile / f"{role}.prof" if profile is not None else None
+            proc = spawn_worker(role, role_settings, log=logs / f"{role}.log", profile=stats)
+            workers[role] = (proc, role_settings.web_port)
         for proc, port in workers.values():
             wait_http(f"http://127.0.0.1:{port}/healthz", timeout=180, proc=proc)
         yield {role: proc for role, (proc, _) in workers.items()}

@@ -64,7 +64,7 @@ def send_events(
     """Produce `events` in order, paced to `rate` events/s when given, until done or `stop` is set."""
     stats = stats or SendStats()
     prod = producer(settings.kafka)
-    start = time.monotonic()
+    start, here = time.monotonic(), 0  # paced on this call's events: `stats` may carry earlier ones
     try:
         for event in events:
             if stop is not None and stop.is_set():
@@ -74,10 +74,11 @@ def send_events(
             )
             future.add_callback(functools.partial(stats.acked, event.event_id))
             stats.sent += 1
+            here += 1
             if on_sent is not None:
                 on_sent(stats.sent)
-            if rate and stats.sent % 20 == 0:
-                ahead = stats.sent / rate - (time.monotonic() - start)
+            if rate and here % 20 == 0:
+                ahead = here / rate - (time.monotonic() - start)
                 if ahead > 0:
                     time.sleep(ahead)
         prod.flush()

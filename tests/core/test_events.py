@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -98,6 +99,38 @@ def test_nesting_inside_strings_and_escapes_is_not_nesting() -> None:
     assert event.session_id == text[:200]
     assert nesting_depth_exceeds(b'{"a": "\\\\", "b": [[[]]]}', 4) is False
     assert nesting_depth_exceeds(b'{"a": "\\\\", "b": [[[]]]}', 3) is True
+
+
+def _nested(rng: random.Random, depth: int) -> object:
+    """A JSON value whose deepest array or object is at `depth`, with brackets, quotes and
+    backslashes inside its strings."""
+    chars = '[]{}"\\ab' if rng.random() < 0.5 else "[]{}ab"  # with escapes, or without (the fast path)
+    text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 6)))
+    if depth == 0:
+        return text
+    side = [_nested(rng, rng.randint(0, min(2, depth - 1))) for _ in range(rng.randint(0, 2))]
+    inner = [_nested(rng, depth - 1), *side]
+    return {text: inner[0], "s": inner[1:]} if rng.random() < 0.5 and depth >= 2 else inner
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def test_nesting_depth_is_the_json_depth_whatever_the_strings_hold() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        value = _nested(rng, rng.randint(1, 40))
+        raw, depth = json.dumps(value).encode(), _depth(value)
+        for limit in (depth - 1, depth, 32):
+            assert nesting_depth_exceeds(raw, limit) is (depth > limit), (raw[:200], limit)
+    # An unterminated string runs to the end: its brackets are not nesting.
+    for tail in (b"", b"\\n"):
+        assert nesting_depth_exceeds(b'{"a": [1], "b": "' + tail + b"[" * 100, 3) is False
 
 
 def test_event_time_range_is_checked_at_the_edge() -> None:

@@ -77,7 +77,7 @@ def test_an_event_too_old_for_a_full_history_is_accepted_but_triggers_nothing() 
     full = apply_batch(None, [ev(f"e{n}", 100 + n) for n in range(3)], max_events=3, dedup_window=100)
     late = apply_batch(full.state, [ev("old", 1)], max_events=3, dedup_window=100)
     assert late.accepted == [0] and late.trigger is None
-    assert "old" in late.state.seen and [e.event_id for e in late.state.events] == ["e0", "e1", "e2"]
+    assert late.state.remembers("old") and [e.event_id for e in late.state.events] == ["e0", "e1", "e2"]
 
 
 def test_a_rule_that_fails_on_one_event_keeps_the_rest_of_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from streamrec.catalog import ScoredItem
 from streamrec.events import Event, EventType, HistoryUpdate
-from streamrec.serving import model_weight, serve_list, serving_task, trigger_type
+from streamrec.serving import Served, TrendingProbs, model_weight, serve_list, serving_task, trigger_type
 from streamrec.trending import Trending, merge_snapshots
 
 AVAILABLE = {f"i{n}" for n in range(10)}
@@ -132,3 +135,63 @@ def test_the_task_follows_the_users_state() -> None:
     assert task(1, EventType.PURCHASE, cold_start=False) == "next_purchase"
     assert task(1, EventType.CLICK, full_at=0) == "next_click"  # no cold start at all
     assert serving_task(9, None, full_at=5, cold_start=True, purchase_task="cold_start", default="x") == "x"
+
+
+def _serve_list_per_user(
+    model_items: Sequence[ScoredItem],
+    trending: Mapping[str, float],
+    *,
+    history_len: int,
+    full_at: int,
+    k: int,
+    available: Collection[str],
+    exclude: Collection[str],
+) -> list[Served]:
+    """The rules as written before TrendingProbs, every trending item scored for every user: the
+    reference the prepared form must match exactly."""
+
+    def probabilities(scores: dict[str, float], log: bool) -> dict[str, float]:
+        if not scores:
+            return {}
+        if log:
+            top = max(scores.values())
+            weights = {i: math.exp(s - top) for i, s in scores.items() if math.isfinite(s)}
+        else:
+            weights = {i: max(0.0, s) for i, s in scores.items()}
+        total = sum(weights.values())
+        return {i: x / total for i, x in weights.items()} if total > 0 else {}
+
+    w = model_weight(history_len, full_at)
+    p_model = probabilities({s.item_id: s.score for s in model_items}, log=True) if w > 0 else {}
+    p_trend = probabilities(dict(trending), log=False) if w < 1 else {}
+    scores: dict[str, float] = {}
+    reasons: dict[str, set[str]] = {}
+    for source, probs, weight in (("model", p_model, w), ("trending", p_trend, 1.0 - w)):
+        for item, p in probs.items():
+            if item in exclude or item not in available:
+                continue
+            scores[item] = scores.get(item, 0.0) + weight * p
+            reasons.setdefault(item, set()).add(source)
+    ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    return [Served(item, score, "+".join(sorted(reasons[item]))) for item, score in ranked]
+
+
+def test_trending_prepared_once_per_batch_serves_exactly_the_per_user_lists() -> None:
+    rng = random.Random(3)
+    items = [f"i{n}" for n in range(60)]
+    for _ in range(400):
+        # Ties on purpose: counts and scores from a few values.
+        trending = {i: float(rng.choice([0, 1, 2, 2, 5])) for i in rng.sample(items, rng.randint(0, 40))}
+        model = [
+            ScoredItem(i, rng.choice([-1.0, -2.0, -2.0, float("-inf")])) for i in rng.sample(items, rng.randint(0, 12))
+        ]
+        rules: dict[str, Any] = {
+            "history_len": rng.randint(0, 6),
+            "full_at": rng.choice([0, 4, 5]),
+            "k": rng.randint(1, 12),
+            "available": set(rng.sample(items, 50)),
+            "exclude": set(rng.sample(items, rng.randint(0, 10))),
+        }
+        expected = _serve_list_per_user(model, trending, **rules)
+        assert serve_list(model, TrendingProbs(trending), **rules) == expected
+        assert serve_list(model, trending, **rules) == expected

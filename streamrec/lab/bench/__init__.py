@@ -28,6 +28,17 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process `pid` has used so far (Linux /proc; None elsewhere). On a
+    shared machine a rate moves with the neighbours' load; the CPU spent per event much less."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_report(report: dict[str, Any], out: Path, rows: list[tuple[str, str]], title: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
