@@ -272,13 +272,22 @@ class ItemTrie:
 
 
 def build_trie(
-    catalog: Catalog, scheme: SchemeName, encode: Callable[[str], Sequence[int]], *, available_only: bool = True
+    catalog: Catalog,
+    scheme: SchemeName,
+    encode: Callable[[str], Sequence[int]],
+    *,
+    available_only: bool = True,
+    encode_many: Callable[[Sequence[str]], Sequence[Sequence[int]]] | None = None,
 ) -> ItemTrie:
     """The trie over `encode(identifier)` of every (available) item. `encode` must return the
-    token ids the model generates for that text, including the closing EOS."""
+    token ids the model generates for that text, including the closing EOS; `encode_many`, when
+    given, does the same for a list of texts in one call (one batched tokenizer call for a large
+    catalog, instead of one per item)."""
     names = identifiers(catalog, scheme)
     keep = set(catalog.available_ids) if available_only else set(names)
-    seqs = {item_id: tuple(encode(text)) for item_id, text in names.items() if item_id in keep}
+    ids = [item_id for item_id in names if item_id in keep]
+    encoded = encode_many([names[i] for i in ids]) if encode_many is not None else [encode(names[i]) for i in ids]
+    seqs = {item_id: tuple(seq) for item_id, seq in zip(ids, encoded, strict=True)}
     # A tokenizer can map two different texts to one sequence (unknown characters become <unk>):
     # those items get their id appended so each still has a path of its own.
     seen: dict[tuple[int, ...], int] = {}

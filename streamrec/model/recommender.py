@@ -249,6 +249,9 @@ class Recommender:
         self.trie = ItemTrie({})
         self._single: dict[int, str] = {}
         self._single_items: list[str] = []
+        self._single_tokens = torch.zeros(0, dtype=torch.long)
+        self._trie_items: list[str] = []
+        self._trie_columns: dict[str, int] = {}
         self.blend: Blend | None = None  # served now: the adapter's own blend, or the base model's
         self.base_blend: Blend | None = None
 
@@ -478,14 +481,19 @@ class Recommender:
             self.catalog = catalog
             self.names = identifiers(catalog, self.scheme)
             self.texts = item_texts(catalog)
-            self.trie = build_trie(servable, self.scheme, self.encode_target)
+            self.trie = build_trie(servable, self.scheme, self.encode_target, encode_many=self.encode_targets)
+            # Built once per catalog, never per request: the item list, each item's column, and
+            # under a one-token scheme the token ids (a device tensor) whose logits rank the items.
+            self._trie_items = self.trie.items
+            self._trie_columns = {item: n for n, item in enumerate(self._trie_items)}
             # When every identifier is one token followed by EOS, the first decoding step already
             # ranks whole items exactly, so `recommend` can read all scores from one step.
             eos = self.tokenizer.eos_token_id
-            paths = {i: self.trie.path(i) for i in self.trie.items}
-            single = all(len(p) == 2 and p[1] == eos for p in paths.values())
-            self._single = {p[0]: i for i, p in paths.items()} if single else {}
+            paths = [self.trie.path(i) for i in self._trie_items]
+            single = all(len(p) == 2 and p[1] == eos for p in paths)
+            self._single = {p[0]: i for p, i in zip(paths, self._trie_items, strict=True)} if single else {}
             self._single_items = list(self._single.values())
+            self._single_tokens = torch.tensor(list(self._single), dtype=torch.long, device=self.device)
 
     def _rows(self) -> int:
         """The embedding's rows: the tokenizer's ids plus any spare ones."""
@@ -652,6 +660,13 @@ class Recommender:
         ids: list[int] = self.tokenizer(text).input_ids
         return ids
 
+    def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode_target` of many texts in one batched tokenizer call (the trie's 10^6 identifiers)."""
+        if not texts:
+            return []
+        ids: list[list[int]] = self.tokenizer(list(texts)).input_ids
+        return ids
+
     # ---------------------------------------------------------------- adapters
 
     def load_adapter(self, adapter_dir: str, version: str | None = None, blend: Blend | None = None) -> None:
@@ -754,7 +769,7 @@ class Recommender:
         with self._lock:
             if not self._single:
                 raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
-            tokens = torch.tensor(self.item_token_ids, device=self.device)
+            tokens = self._single_tokens
             rows: list[npt.NDArray[np.float32]] = []
             start = torch.full((1, 1), self.start_token_id, device=self.device)
             for b in range(0, len(requests), batch_size):
@@ -814,7 +829,7 @@ class Recommender:
         self, requests: Sequence[RecRequest], k: int, batch_size: int, blend: Blend | None
     ) -> list[list[ScoredItem]]:
         items = self.single_token_items
-        col = {item: n for n, item in enumerate(items)}
+        col = self._trie_columns  # the trie's order is the single-token items' order
         logp = self.item_log_probs(requests, batch_size).astype(np.float64)
         out = []
         for row, req in zip(logp, requests, strict=True):
@@ -839,25 +854,29 @@ class Recommender:
         """Per request under a multi-token scheme: the candidates (columns of `trie_items`) the blend
         ranks, the beam's items plus each classic signal's top items, with the model's log-probability
         of each (those the beam did not reach scored by teacher forcing, in one batched pass) and the
-        signals (P_knn, P_markov) over every trie item. The model's scores are already a
-        distribution over the items (see `_beam_search`), so they mix as they are."""
+        signals (P_knn, P_markov) at each candidate. The model's scores are already a distribution
+        over the items (see `_beam_search`), so they mix as they are. The signals are read sparse:
+        nothing here is per catalog item."""
         items = self.trie_items
-        col = {item: n for n, item in enumerate(items)}
+        col = self._trie_columns
         cands: list[list[str]] = []
         signals = []
         for req, beam in zip(requests, found, strict=True):
-            p_knn, p_markov = blend.signals([h.item_id for h in req.history], items)
-            banned = [col[i] for i in req.exclude if i in col]
-            extra = [items[n] for p in (p_knn, p_markov) for n in top_k(p, banned, self.BLEND_CANDIDATES) if p[n] > 0]
+            knn, markov = blend.sparse_signals([h.item_id for h in req.history], items)
+            banned = {col[i] for i in req.exclude if i in col}
+            top = self.BLEND_CANDIDATES
+            extra = [items[c] for cols, p in (knn, markov) for c in _best_columns(cols, p, banned, top)]
             cands.append(list(dict.fromkeys([*beam, *extra])))
-            signals.append((p_knn, p_markov))
+            signals.append((knn, markov))
         missing = [[i for i in c if i not in beam] for c, beam in zip(cands, found, strict=True)]
         scored = self.sequence_log_probs(requests, missing)
         out = []
-        for cand, beam, miss, extra_lp, (p_knn, p_markov) in zip(cands, found, missing, scored, signals, strict=True):
+        for cand, beam, miss, extra_lp, (knn, markov) in zip(cands, found, missing, scored, signals, strict=True):
             lp = dict(beam)
             lp.update(zip(miss, extra_lp.tolist(), strict=True))
-            out.append(([col[i] for i in cand], np.array([lp[i] for i in cand], dtype=np.float64), p_knn, p_markov))
+            at = np.array([col[i] for i in cand], dtype=np.int64)
+            logp = np.array([lp[i] for i in cand], dtype=np.float64)
+            out.append((at.tolist(), logp, _values_at(*knn, at), _values_at(*markov, at)))
         return out
 
     def _blended(
@@ -867,7 +886,7 @@ class Recommender:
         items = self.trie_items
         out = []
         for at, logp, p_knn, p_markov in self._candidates(requests, found, blend):
-            row = np.log(blend.mix(np.exp(logp), p_knn[at], p_markov[at]) + 1e-30)
+            row = np.log(blend.mix(np.exp(logp), p_knn, p_markov) + 1e-30)
             top = top_k(row, [], k)
             out.append([ScoredItem(items[at[n]], float(row[n])) for n in top])
         return out
@@ -1109,8 +1128,8 @@ class Recommender:
 
     @property
     def trie_items(self) -> list[str]:
-        """The items generation can produce (available catalog items)."""
-        return self.trie.items
+        """The items generation can produce (available catalog items; one shared list: do not modify)."""
+        return self._trie_items
 
     def target_ids(self, item_ids: Sequence[str]) -> list[list[int]]:
         return [list(self.trie.path(i)) if i in self.trie else self.encode_target(self.names[i]) for i in item_ids]
@@ -1215,6 +1234,28 @@ class Recommender:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
+
+
+def _best_columns(cols: npt.NDArray[np.int64], p: npt.NDArray[np.float32], banned: set[int], k: int) -> list[int]:
+    """The `k` columns of a sparse signal with the largest positive values, best first (ties: the
+    lower column), never a `banned` one."""
+    ok = np.array([c not in banned for c in cols.tolist()], dtype=bool) & (p > 0)
+    cols, p = cols[ok], p[ok]
+    order = np.lexsort((cols, -p))[:k]
+    return [int(c) for c in cols[order]]
+
+
+def _values_at(
+    cols: npt.NDArray[np.int64], p: npt.NDArray[np.float32], at: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float32]:
+    """A sparse signal's values at columns `at` (0 where it has none)."""
+    out = np.zeros(len(at), dtype=np.float32)
+    if len(cols):
+        order = np.argsort(cols)
+        where = np.minimum(np.searchsorted(cols[order], at), len(cols) - 1)
+        hit = cols[order][where] == at
+        out[hit] = p[order][where[hit]]
+    return out
 
 
 # Fewer of the model's own items with text than this: new rows start from their text's token rows.
