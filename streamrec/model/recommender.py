@@ -664,6 +664,14 @@ class Recommender:
         """`encode_target` of many texts in one batched tokenizer call (the trie's 10^6 identifiers)."""
         if not texts:
             return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # The Rust tokenizer itself: transformers' wrapper converts each encoding in Python,
+            # which was most of a 10^6-item catalog's trie build. The wrapper leaves the last call's
+            # truncation and padding on it (and sets them again on each call): off, as for one text.
+            backend.no_truncation()
+            backend.no_padding()
+            return [e.ids for e in backend.encode_batch(list(texts))]
         ids: list[list[int]] = self.tokenizer(list(texts)).input_ids
         return ids
 
