@@ -141,6 +141,7 @@ def identifiers(catalog: Catalog, scheme: SchemeName) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in catalog:
         title = " ".join(item.title.split())
+        title = item.title if title == item.title else title  # the catalog's own string: no copy per item
         out[item.item_id] = title if counts[title.casefold()] == 1 else f"{title} #{item.item_id}"
     return out
 
@@ -286,8 +287,17 @@ def build_trie(
     names = identifiers(catalog, scheme)
     keep = set(catalog.available_ids) if available_only else set(names)
     ids = [item_id for item_id in names if item_id in keep]
-    encoded = encode_many([names[i] for i in ids]) if encode_many is not None else [encode(names[i]) for i in ids]
-    seqs = {item_id: tuple(seq) for item_id, seq in zip(ids, encoded, strict=True)}
+    # One object per token id, shared by every path (a tokenizer returns fresh ints): at 10^6 items
+    # that is most of the paths' memory. Encoded in chunks, so the lists it returns are short-lived.
+    canon: dict[int, int] = {}
+    seqs: dict[str, tuple[int, ...]] = {}
+    chunk = 1 << 16
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        texts = [names[i] for i in part]
+        encoded = encode_many(texts) if encode_many is not None else [encode(t) for t in texts]
+        for item_id, seq in zip(part, encoded, strict=True):
+            seqs[item_id] = tuple([canon.setdefault(t, t) for t in seq])
     # A tokenizer can map two different texts to one sequence (unknown characters become <unk>):
     # those items get their id appended so each still has a path of its own.
     seen: dict[tuple[int, ...], int] = {}
