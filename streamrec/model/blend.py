@@ -340,6 +340,17 @@ class Blend:
         mixed[m_cols] += self.w_markov * p_markov
         return np.log(mixed.astype(np.float64) + 1e-30)
 
+    def log_probs_at(
+        self, p_model: npt.NDArray[np.floating], at: IntArray, signals: tuple[Sparse, Sparse]
+    ) -> npt.NDArray[np.float64]:
+        """`log_probs` at the columns `at` only (sorted, holding every column `signals` scores, as
+        `sparse_signals` gives them), `p_model` the model's probability there: the same values."""
+        (k_cols, p_knn), (m_cols, p_markov) = signals
+        mixed = (1.0 - self.w_knn - self.w_markov) * p_model
+        mixed[np.searchsorted(at, k_cols)] += self.w_knn * p_knn
+        mixed[np.searchsorted(at, m_cols)] += self.w_markov * p_markov
+        return np.log(mixed.astype(np.float64) + 1e-30)
+
     def mix(self, p_model: FloatArray, p_knn: FloatArray, p_markov: FloatArray) -> FloatArray:
         w = 1.0 - self.w_knn - self.w_markov
         mixed: FloatArray = w * p_model + self.w_knn * p_knn + self.w_markov * p_markov

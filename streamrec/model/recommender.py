@@ -775,23 +775,28 @@ class Recommender:
         """Under a one-token-per-item scheme: log P(item | instruction) for every available item, in
         the order of `catalog.available_ids`, one row per request (for ranking and blending), at
         most `batch_size` requests (default: the model's) per forward pass."""
-        batch_size = batch_size or self.batch_size
         with self._lock:
-            if not self._single:
-                raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
-            tokens = self._single_tokens
-            rows: list[npt.NDArray[np.float32]] = []
-            start = torch.full((1, 1), self.start_token_id, device=self.device)
-            for b in range(0, len(requests), batch_size):
-                chunk = requests[b : b + batch_size]
-                enc = self._tokenize([self.instruction(r) for r in chunk])
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = self.model(**enc, decoder_input_ids=start.expand(len(chunk), 1)).logits[:, 0, :]
+            rows = [logp.cpu().numpy() for _, logp in self._item_log_prob_batches(requests, batch_size)]
+            return np.concatenate(rows) if rows else np.zeros((0, len(self._single_tokens)), dtype=np.float32)
+
+    def _item_log_prob_batches(
+        self, requests: Sequence[RecRequest], batch_size: int | None
+    ) -> Iterator[tuple[Sequence[RecRequest], torch.Tensor]]:
+        """`item_log_probs` one batch at a time, as (requests, a tensor of rows on the device)."""
+        batch_size = batch_size or self.batch_size
+        if not self._single:
+            raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
+        tokens = self._single_tokens
+        start = torch.full((1, 1), self.start_token_id, device=self.device)
+        for b in range(0, len(requests), batch_size):
+            chunk = requests[b : b + batch_size]
+            enc = self._tokenize([self.instruction(r) for r in chunk])
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(**enc, decoder_input_ids=start.expand(len(chunk), 1)).logits[:, 0, :]
                 # Normalised over the items: the blend reads these as P(item), and the item loss
                 # never trains the text tokens' logits down.
                 logp = torch.log_softmax(logits[:, tokens].float(), dim=-1)
-                rows.append(logp.cpu().numpy())
-            return np.concatenate(rows) if rows else np.zeros((0, len(tokens)), dtype=np.float32)
+            yield chunk, logp
 
     @property
     def item_token_ids(self) -> list[int]:
@@ -838,15 +843,26 @@ class Recommender:
     def _recommend_single(
         self, requests: Sequence[RecRequest], k: int, batch_size: int, blend: Blend | None
     ) -> list[list[ScoredItem]]:
+        """The one-step ranking, read from a few columns per user: the model's top k plus as many
+        as the user excludes, and the columns the blend's signals score. Every other item scores
+        the model's share of its probability alone, below those top ones: the list is the one a
+        ranking of every column gives, without a pass over 10^6 columns per user on the host."""
         items = self.single_token_items
         col = self._trie_columns  # the trie's order is the single-token items' order
-        logp = self.item_log_probs(requests, batch_size).astype(np.float64)
         out = []
-        for row, req in zip(logp, requests, strict=True):
-            if blend is not None:
-                row = blend.log_probs(np.exp(row), [h.item_id for h in req.history], items)
-            top = top_k(row, [col[i] for i in req.exclude if i in col], k)
-            out.append([ScoredItem(items[n], float(row[n])) for n in top])
+        for chunk, logp in self._item_log_prob_batches(requests, batch_size):
+            banned = [[col[i] for i in req.exclude if i in col] for req in chunk]
+            want = min(logp.shape[1], k + max((len(b) for b in banned), default=0))
+            tops = torch.topk(logp, want, dim=1).indices.cpu().numpy()
+            for r, req in enumerate(chunk):
+                signals = blend.sparse_signals([h.item_id for h in req.history], items) if blend is not None else None
+                extra = [signals[0][0], signals[1][0]] if signals is not None else []
+                at = np.unique(np.concatenate([tops[r].astype(np.int64), *extra]))  # sorted columns
+                row = logp[r, torch.from_numpy(at).to(logp.device)].cpu().numpy().astype(np.float64)
+                if blend is not None and signals is not None:
+                    row = blend.log_probs_at(np.exp(row), at, signals)
+                top = top_k(row, np.flatnonzero(np.isin(at, banned[r])).tolist(), k)
+                out.append([ScoredItem(items[at[n]], float(row[n])) for n in top])
         return out
 
     def _ranked(self, found: dict[str, float], k: int) -> list[ScoredItem]:
