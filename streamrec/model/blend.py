@@ -52,13 +52,13 @@ def _reduce(keys: IntArray, weights: npt.NDArray[np.float64]) -> tuple[IntArray,
 
 
 def pair_weights(
-    codes: IntArray, lengths: IntArray, n: int, window: int, by_distance: bool
+    codes: IntArray, lengths: IntArray, n: int, window: int, by_distance: bool, *, self_pairs: bool = False
 ) -> tuple[IntArray, IntArray, npt.NDArray[np.float64]]:
-    """Unordered pairs of distinct items at most `window` positions apart within one user's sequence
-    (`codes`: every user's items one after the other, `lengths` of each), with their summed weights
-    (1 / distance when `by_distance`, else 1): (lower item, higher item, weight), ascending. One
-    numpy pass per distance over the positions whose user still has an item that far on, so the
-    work is the number of pairs, never items x items."""
+    """Unordered pairs of distinct items (and of an item with itself, with `self_pairs`) at most
+    `window` positions apart within one user's sequence (`codes`: every user's items one after the
+    other, `lengths` of each), with their summed weights (1 / distance when `by_distance`, else 1):
+    (lower item, higher item, weight), ascending. One numpy pass per distance over the positions
+    whose user still has an item that far on, so the work is the number of pairs, never items x items."""
     owner_end = np.repeat(np.cumsum(lengths), lengths)  # one past each position's user's last item
     alive = np.arange(len(codes), dtype=np.int64)
     keys: list[IntArray] = []
@@ -70,8 +70,9 @@ def pair_weights(
         if len(alive) == 0:
             break
         a, b = codes[alive], codes[alive + d]
-        ok = a != b
-        a, b = a[ok], b[ok]
+        if not self_pairs:
+            ok = a != b
+            a, b = a[ok], b[ok]
         keys.append(np.minimum(a, b) * n + np.maximum(a, b))
         weights.append(np.full(len(a), 1.0 / d if by_distance else 1.0))
         held += len(a)
