@@ -149,6 +149,7 @@ def identifiers(
     out: dict[str, str] = {}
     for item in catalog:
         title = " ".join(item.title.split())
+        title = item.title if title == item.title else title  # the catalog's own string: no copy per item
         out[item.item_id] = title if counts[title.casefold()] == 1 else f"{title} #{item.item_id}"
     return out
 
@@ -285,13 +286,27 @@ def build_trie(
     encode: Callable[[str], Sequence[int]],
     *,
     available_only: bool = True,
+    encode_many: Callable[[Sequence[str]], Sequence[Sequence[int]]] | None = None,
     codes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> ItemTrie:
-    """The trie over `encode(identifier)` of every (available) item that has an identifier. `encode`
-    must return the token ids the model generates for that text, including the closing EOS."""
+    """The trie over `encode(identifier)` of every (available) item that has an identifier
+    (`codes`: under `semantic`). `encode` must return the token ids the model generates for that
+    text, including the closing EOS; `encode_many`, when given, does the same for a list of texts in
+    one call (one batched tokenizer call for a large catalog, instead of one per item)."""
     names = identifiers(catalog, scheme, codes)
     keep = set(catalog.available_ids) if available_only else set(names)
-    seqs = {item_id: tuple(encode(text)) for item_id, text in names.items() if item_id in keep}
+    ids = [item_id for item_id in names if item_id in keep]
+    # One object per token id, shared by every path (a tokenizer returns fresh ints): at 10^6 items
+    # that is most of the paths' memory. Encoded in chunks, so the lists it returns are short-lived.
+    canon: dict[int, int] = {}
+    seqs: dict[str, tuple[int, ...]] = {}
+    chunk = 1 << 16
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        texts = [names[i] for i in part]
+        encoded = encode_many(texts) if encode_many is not None else [encode(t) for t in texts]
+        for item_id, seq in zip(part, encoded, strict=True):
+            seqs[item_id] = tuple([canon.setdefault(t, t) for t in seq])
     # A tokenizer can map two different texts to one sequence (unknown characters become <unk>):
     # those items get their id appended so each still has a path of its own.
     seen: dict[tuple[int, ...], int] = {}

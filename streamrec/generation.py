@@ -232,6 +232,7 @@ class Generator:
         self.catalog = Catalog([])
         self._catalog_key: tuple[int, int] | None = None
         self._titles: dict[str, str] = {}  # item id -> title, what explanations name
+        self._available: frozenset[str] = frozenset()  # per catalog, not per batch: 10^6 ids
 
     @property
     def version(self) -> ModelVersion | None:
@@ -245,6 +246,7 @@ class Generator:
         self.catalog = catalog
         self._catalog_key = key
         self._titles = {item.item_id: item.title for item in catalog}
+        self._available = frozenset(catalog.available_ids)
         if self.recommender is None:
             # Items new to the model are served from provisional ids until the artifact that names
             # them arrives: this worker's order of arrival is its own, and ids given here would not
@@ -325,7 +327,7 @@ class Generator:
         modelled = [n for n, u in enumerate(updates) if model_weight(len(u.events), serve.cold_start_full_at) > 0]
         lists = self.recommender.recommend([requests[n] for n in modelled], k=k) if modelled else []
         model_lists = dict(zip(modelled, lists, strict=True))
-        available = set(self.catalog.available_ids)
+        available = self._available
         version = self.recommender.version
         instructions, blend = self.recommender.instructions, self.recommender.blend
         out = []

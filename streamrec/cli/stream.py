@@ -235,6 +235,26 @@ def bench_infer(
     run(out, users=users, repeats=repeats, flan=flan)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    sizes: str = typer.Option("10000,100000,1000000", help="Catalog sizes, comma-separated."),
+    users: int = typer.Option(100_000, help="Simulated users whose histories the blend is fitted on."),
+    schemes: str = typer.Option("item_token,title", help="Identifier schemes, comma-separated."),
+    timed: int = typer.Option(512, help="Users whose requests are timed per worker (batched)."),
+    threads: int = typer.Option(0, help="torch threads in each worker (0: the usable cores)."),
+    out: Path = typer.Option(Path("bench-scale.json"), help="Where to write the JSON report."),
+) -> None:
+    """Per catalog size and scheme: one fresh worker's resident memory, batched users/s, blend fit time."""
+    from streamrec.lab.bench.scale import run
+
+    try:
+        chosen = [int(s.replace("_", "")) for s in sizes.split(",") if s.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"--sizes takes integers separated by commas, not {sizes!r}") from exc
+    names = [s.strip() for s in schemes.split(",") if s.strip()]
+    run(out, sizes=chosen, users=users, schemes=names, timed=timed, threads=threads)
+
+
 @app.command()
 def demo(
     duration: float | None = typer.Option(None, help="Seconds to run, then stop cleanly (default: until Ctrl-C)."),

@@ -59,13 +59,8 @@ def tuned_itemknn(split: Split, items: Sequence[str], log: Callable[[str], None]
             best = (ndcg, ItemKNN(base.neighbours, recent))
     assert best is not None
     knn = best[1]
-    knn.items, knn.index, knn.pop, knn.nbr_idx, knn.nbr_sim = (
-        base.items,
-        base.index,
-        base.pop,
-        base.nbr_idx,
-        base.nbr_sim,
-    )
+    knn.items, knn.index, knn.pop = base.items, base.index, base.pop
+    knn.indptr, knn.indices, knn.weights = base.indptr, base.indices, base.weights
     log(f"item-kNN: scoring from the {knn.recent} most recent items (validation NDCG@10 {best[0]:.4f})")
     return knn
 

@@ -1,11 +1,11 @@
 """The served blend: the cheap sequential signals (item-kNN over co-occurrence, first-order Markov)
-that the T5's scores are mixed with, the mix itself, and how its weights are chosen. numpy only,
-memory bounded by a neighbour cut-off so a large catalog stays small."""
+that the T5's scores are mixed with, the mix itself, and how its weights are chosen. numpy only:
+both signals are fitted from item pairs (sorted pair codes, never an items x items matrix) and kept as
+sparse rows (CSR), so a request reads only its history's rows, whatever the catalog's size."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,9 +19,14 @@ if TYPE_CHECKING:
     from streamrec.model.recommender import Recommender
 
 FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+# A signal for one history: item positions (distinct) and their scores.
+Sparse = tuple[IntArray, FloatArray]
 
 # Ties and empty signals fall back to popularity, scaled so it never outranks a real signal.
 _POP_TIE = 1e-6
+# Pair codes reduced (summed per pair) once this many have piled up: bounds the fit's memory.
+_PAIR_CHUNK = 1 << 24
 
 
 def top_k(scores: npt.NDArray[np.floating], banned: Sequence[int], k: int) -> npt.NDArray[np.intp]:
@@ -33,6 +38,58 @@ def top_k(scores: npt.NDArray[np.floating], banned: Sequence[int], k: int) -> np
         return np.zeros(0, dtype=np.intp)
     top = np.argpartition(-s, k - 1)[:k]
     return top[np.argsort(-s[top], kind="stable")]
+
+
+def _empty() -> Sparse:
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+
+
+def _reduce(keys: IntArray, weights: npt.NDArray[np.float64]) -> tuple[IntArray, npt.NDArray[np.float64]]:
+    """Distinct `keys`, ascending, with their summed weights."""
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    sums = np.bincount(inverse.ravel(), weights=weights, minlength=len(uniq))
+    return uniq, sums.astype(np.float64, copy=False)
+
+
+def pair_weights(
+    codes: IntArray, lengths: IntArray, n: int, window: int, by_distance: bool, *, self_pairs: bool = False
+) -> tuple[IntArray, IntArray, npt.NDArray[np.float64]]:
+    """Unordered pairs of distinct items (and of an item with itself, with `self_pairs`) at most
+    `window` positions apart within one user's sequence (`codes`: every user's items one after the
+    other, `lengths` of each), with their summed weights (1 / distance when `by_distance`, else 1):
+    (lower item, higher item, weight), ascending. One numpy pass per distance over the positions
+    whose user still has an item that far on, so the work is the number of pairs, never items x items."""
+    owner_end = np.repeat(np.cumsum(lengths), lengths)  # one past each position's user's last item
+    alive = np.arange(len(codes), dtype=np.int64)
+    keys: list[IntArray] = []
+    weights: list[npt.NDArray[np.float64]] = []
+    held = 0
+    acc_keys, acc_w = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    for d in range(1, window + 1):
+        alive = alive[alive + d < owner_end[alive]]
+        if len(alive) == 0:
+            break
+        a, b = codes[alive], codes[alive + d]
+        if not self_pairs:
+            ok = a != b
+            a, b = a[ok], b[ok]
+        keys.append(np.minimum(a, b) * n + np.maximum(a, b))
+        weights.append(np.full(len(a), 1.0 / d if by_distance else 1.0))
+        held += len(a)
+        if held >= _PAIR_CHUNK:
+            acc_keys, acc_w = _reduce(np.concatenate([acc_keys, *keys]), np.concatenate([acc_w, *weights]))
+            keys, weights, held = [], [], 0
+    acc_keys, acc_w = _reduce(np.concatenate([acc_keys, *keys]), np.concatenate([acc_w, *weights]))
+    return acc_keys // n, acc_keys % n, acc_w
+
+
+def csr_rows(indptr: IntArray, rows: npt.NDArray[np.integer]) -> tuple[IntArray, IntArray]:
+    """The positions in a CSR matrix's `indices` / `data` of `rows`' entries, row after row, and
+    each row's entry count."""
+    starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
+    total = int(counts.sum())
+    offsets = np.repeat(starts - np.cumsum(counts) + counts, counts)
+    return offsets + np.arange(total, dtype=np.int64), counts
 
 
 class Baseline:
@@ -48,23 +105,34 @@ class Baseline:
     def fit(self, train: Mapping[str, Sequence[HistoryItem]], items: Iterable[str]) -> Baseline:
         self.items = list(dict.fromkeys(items))
         self.index = {item: n for n, item in enumerate(self.items)}
-        self.pop = np.zeros(len(self.items), dtype=np.float32)
-        for seq in train.values():
-            for h in seq:
-                if h.item_id in self.index:
-                    self.pop[self.index[h.item_id]] += 1.0
-        self._fit([[self.index[h.item_id] for h in seq if h.item_id in self.index] for seq in train.values()])
+        get = self.index.get
+        seqs = list(train.values())
+        raw = np.fromiter((get(h.item_id, -1) for seq in seqs for h in seq), dtype=np.int64)
+        owner = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
+        known = raw >= 0  # items outside the catalog drop out: their neighbours become adjacent
+        codes = raw[known]
+        lengths = np.bincount(owner[known], minlength=len(seqs)).astype(np.int64)
+        self.pop = np.bincount(codes, minlength=len(self.items)).astype(np.float32)
+        self._fit(codes, lengths)
         return self
 
-    def _fit(self, seqs: list[list[int]]) -> None:
-        pass
+    def _fit(self, codes: IntArray, lengths: IntArray) -> None:
+        """Fit on every user's item positions one after the other (`codes`), `lengths` per user."""
 
     def scores(self, history: Sequence[str]) -> FloatArray:
         """A score per catalog item (the order of `items`) for a history of item ids, oldest first."""
         return self._scores([self.index[i] for i in history if i in self.index]) + _POP_TIE * self._pop_norm()
 
     def _scores(self, history: list[int]) -> FloatArray:
-        return np.zeros(len(self.items), dtype=np.float32)
+        s = np.zeros(len(self.items), dtype=np.float32)
+        idx, vals = self.sparse(history)
+        s[idx] = vals
+        return s
+
+    def sparse(self, history: list[int]) -> Sparse:
+        """The items this signal scores for a history of item positions, with their scores: only
+        the rows of the history's items are read."""
+        return _empty()
 
     def _pop_norm(self) -> FloatArray:
         top = float(self.pop.max()) if len(self.pop) else 1.0
@@ -78,7 +146,8 @@ class Baseline:
 
 class ItemKNN(Baseline):
     """Cosine similarity of item co-occurrence across users; a history scores each item by the summed
-    similarity to its `recent` latest items. Only the `neighbours` most similar items are kept.
+    similarity to its `recent` latest items. Only the `neighbours` most similar items are kept, as
+    sparse rows: `indptr`, `indices` (neighbours, best first) and `weights` (their similarity).
 
     `window` 0 counts two items as co-occurring when one user has both (classic item-kNN). A
     `window` > 0 makes it sequential: only pairs at most `window` positions apart in a user's
@@ -94,96 +163,106 @@ class ItemKNN(Baseline):
         self.recent = recent
         self.window = window
         self.decay = decay
-        self.nbr_idx = np.zeros((0, 0), dtype=np.int32)
-        self.nbr_sim = np.zeros((0, 0), dtype=np.float32)
+        self.indptr = np.zeros(1, dtype=np.int64)
+        self.indices = np.zeros(0, dtype=np.int32)
+        self.weights = np.zeros(0, dtype=np.float32)
 
     def like(self) -> ItemKNN:
         """An unfitted item-kNN with the same settings."""
         return ItemKNN(self.neighbours, self.recent, self.window, self.decay)
 
-    def _fit(self, seqs: list[list[int]]) -> None:
+    def _fit(self, codes: IntArray, lengths: IntArray) -> None:
         n = len(self.items)
-        co = self._sequential(seqs, n) if self.window > 0 else self._cooccurrence(seqs, n)
-        count = np.diag(co).copy()
-        np.fill_diagonal(co, 0.0)
-        norm = np.sqrt(np.maximum(count, 1.0))
-        co /= norm[:, None]
-        co /= norm[None, :]
-        kk = min(self.neighbours, max(n - 1, 1))
-        self.nbr_idx = np.zeros((n, kk), dtype=np.int32)
-        self.nbr_sim = np.zeros((n, kk), dtype=np.float32)
-        # Row blocks: a whole-matrix argpartition would copy the n x n matrix once more.
-        block = 1024
-        for start in range(0, n if n > 1 else 0, block):
-            rows = co[start : start + block]
-            idx = np.argpartition(-rows, kk - 1, axis=1)[:, :kk]
-            self.nbr_idx[start : start + block] = idx
-            self.nbr_sim[start : start + block] = np.take_along_axis(rows, idx, axis=1)
+        if self.window > 0:
+            lo, hi, co = pair_weights(codes, lengths, n, self.window, by_distance=True)
+            count = np.bincount(codes, minlength=n)  # occurrences
+        else:
+            # Classic: each user's distinct items, every pair of them once (users having both).
+            owner = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+            distinct = np.unique(owner * n + codes)
+            items, users = distinct % n, distinct // n
+            per_user = np.bincount(users, minlength=len(lengths)).astype(np.int64)
+            longest = int(per_user.max()) if len(per_user) else 0
+            lo, hi, co = pair_weights(items, per_user, n, max(longest - 1, 0), by_distance=False)
+            count = np.bincount(items, minlength=n)  # users having the item
+        norm = np.sqrt(np.maximum(count, 1.0)).astype(np.float32)
+        rows = np.concatenate([lo, hi])
+        cols = np.concatenate([hi, lo])
+        co32 = co.astype(np.float32)
+        sim = np.concatenate([co32, co32]) / norm[rows] / norm[cols]
+        self._keep_top(rows, cols, sim, n)
 
-    def _sequential(self, seqs: list[list[int]], n: int) -> FloatArray:
-        """Pair weights 1 / distance within `window`, symmetric; the diagonal holds each item's count."""
-        co = np.zeros((n, n), dtype=np.float32)
-        for seq in seqs:
-            a = np.asarray(seq, dtype=np.int64)
-            for d in range(1, min(self.window, len(a) - 1) + 1):
-                np.add.at(co, (a[:-d], a[d:]), 1.0 / d)
-        co += co.T
-        flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs] or [np.zeros(0, dtype=np.int64)])
-        np.fill_diagonal(co, np.bincount(flat, minlength=n).astype(np.float32))
-        return co
+    def _keep_top(self, rows: IntArray, cols: IntArray, sim: FloatArray, n: int) -> None:
+        """Keep each row's `neighbours` largest similarities (ties: the lower item first) as CSR."""
+        order = np.lexsort((cols, -sim, rows))
+        rows, cols, sim = rows[order], cols[order], sim[order]
+        starts = np.searchsorted(rows, np.arange(n + 1))
+        rank = np.arange(len(rows)) - starts[rows]
+        keep = rank < self.neighbours
+        rows, cols, sim = rows[keep], cols[keep], sim[keep]
+        self.indptr = np.searchsorted(rows, np.arange(n + 1)).astype(np.int64)
+        self.indices = cols.astype(np.int32)
+        self.weights = sim.astype(np.float32)
 
-    @staticmethod
-    def _cooccurrence(seqs: list[list[int]], n: int) -> FloatArray:
-        """Users having both items; the diagonal holds each item's user count."""
-        co = np.zeros((n, n), dtype=np.float32)
-        # Users in blocks: a dense user-item block times its transpose adds that block's co-occurrences
-        # without ever holding the full user-item matrix.
-        block = 1024
-        for start in range(0, len(seqs), block):
-            x = np.zeros((min(block, len(seqs) - start), n), dtype=np.float32)
-            for r, seq in enumerate(seqs[start : start + block]):
-                x[r, seq] = 1.0
-            co += x.T @ x
-        return co
-
-    def _scores(self, history: list[int]) -> FloatArray:
-        s = np.zeros(len(self.items), dtype=np.float32)
+    def sparse(self, history: list[int]) -> Sparse:
         recent = history[-self.recent :] if self.recent > 0 else history
-        if recent:
-            sims = self.nbr_sim[recent]
-            if self.decay > 0:
-                age = np.arange(len(recent), 0, -1, dtype=np.float32)  # 1 for the newest item
-                sims = sims * (age**-self.decay)[:, None]
-            np.add.at(s, self.nbr_idx[recent].ravel(), sims.ravel())
-        return s
+        if not recent:
+            return _empty()
+        at, counts = csr_rows(self.indptr, np.asarray(recent, dtype=np.int64))
+        idx = self.indices[at].astype(np.int64)
+        sims = self.weights[at]
+        if self.decay > 0:
+            age = np.arange(len(recent), 0, -1, dtype=np.float32)  # 1 for the newest item
+            sims = sims * np.repeat(age**-self.decay, counts)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        vals = np.zeros(len(uniq), dtype=np.float32)
+        # In history order, as a dense np.add.at would: the same float32 sums, so the same lists.
+        np.add.at(vals, inverse.ravel(), sims)
+        return uniq, vals
+
+    def row(self, item: int) -> Sparse:
+        """One item's kept neighbours and similarities."""
+        a, b = int(self.indptr[item]), int(self.indptr[item + 1])
+        return self.indices[a:b].astype(np.int64), self.weights[a:b]
 
 
 class Markov(Baseline):
-    """First-order Markov chain: how often each item followed the user's last item in training."""
+    """First-order Markov chain: how often each item followed the user's last item in training, as
+    sparse rows (`indptr`, `indices`: the next items, `counts`)."""
 
     name = "markov"
 
     def __init__(self) -> None:
         super().__init__()
-        self.next_idx: list[npt.NDArray[np.int64]] = []
-        self.next_cnt: list[FloatArray] = []
+        self.indptr = np.zeros(1, dtype=np.int64)
+        self.indices = np.zeros(0, dtype=np.int32)
+        self.counts = np.zeros(0, dtype=np.float32)
 
-    def _fit(self, seqs: list[list[int]]) -> None:
+    def _fit(self, codes: IntArray, lengths: IntArray) -> None:
         n = len(self.items)
-        pairs: dict[int, dict[int, float]] = {}
-        for seq in seqs:
-            for a, b in pairwise(seq):
-                row = pairs.setdefault(a, {})
-                row[b] = row.get(b, 0.0) + 1.0
-        self.next_idx = [np.array(list(pairs.get(i, {})), dtype=np.int64) for i in range(n)]
-        self.next_cnt = [np.array(list(pairs.get(i, {}).values()), dtype=np.float32) for i in range(n)]
+        ends = np.cumsum(lengths)
+        first = np.ones(len(codes), dtype=bool)
+        first[ends[lengths > 0] - lengths[lengths > 0]] = False  # a user's first item follows nothing
+        to = np.flatnonzero(first)
+        keys, counts = np.unique(codes[to - 1] * n + codes[to], return_counts=True)
+        self.set_rows(keys // n, keys % n, counts.astype(np.float32), n)
 
-    def _scores(self, history: list[int]) -> FloatArray:
-        s = np.zeros(len(self.items), dtype=np.float32)
-        if history:
-            last = history[-1]
-            s[self.next_idx[last]] = self.next_cnt[last]
-        return s
+    def set_rows(self, src: IntArray, dst: IntArray, counts: FloatArray, n: int) -> None:
+        """The chain from (from, to, count) triples, in any order."""
+        order = np.argsort(src, kind="stable")
+        self.indptr = np.searchsorted(src[order], np.arange(n + 1)).astype(np.int64)
+        self.indices = dst[order].astype(np.int32)
+        self.counts = counts[order].astype(np.float32)
+
+    def sparse(self, history: list[int]) -> Sparse:
+        if not history:
+            return _empty()
+        return self.row(history[-1])
+
+    def row(self, item: int) -> Sparse:
+        """The items that followed `item`, with how often."""
+        a, b = int(self.indptr[item]), int(self.indptr[item + 1])
+        return self.indices[a:b].astype(np.int64), self.counts[a:b]
 
 
 class Blend:
@@ -198,26 +277,41 @@ class Blend:
         self.w_knn = w_knn
         self.w_markov = w_markov
         self._cols_for: Sequence[str] | None = None
-        self._cols = np.zeros(0, dtype=np.int64)
+        self._pos = np.zeros(0, dtype=np.int64)
 
-    @staticmethod
-    def _dist(s: FloatArray) -> FloatArray:
-        total = float(s.sum())
-        return s / total if total > 0 else s
+    def _columns(self, items: Sequence[str]) -> IntArray:
+        """Each blend item's column in `items` (-1: not there), built once per list of items."""
+        if self._cols_for is not items:
+            get = self.knn.index.get
+            at = np.fromiter((get(i, -1) for i in items), dtype=np.int64, count=len(items))
+            pos = np.full(len(self.knn.items), -1, dtype=np.int64)
+            ok = at >= 0
+            pos[at[ok]] = np.flatnonzero(ok)
+            self._pos, self._cols_for = pos, items
+        return self._pos
+
+    def sparse_signals(self, history: Sequence[str], items: Sequence[str]) -> tuple[Sparse, Sparse]:
+        """(P_knn, P_markov) over `items` as (columns of `items`, probabilities): only the columns
+        a signal scores. The same values `signals` spreads over every column."""
+        index = self.knn.index
+        hist = [index[i] for i in history if i in index]
+        pos = self._columns(items)
+        out = []
+        for idx, vals in (self.knn.sparse(hist), self.markov.sparse(hist)):
+            cols = pos[idx]
+            keep = cols >= 0
+            cols, vals = cols[keep], vals[keep]
+            total = float(vals.sum())
+            out.append((cols, vals / total if total > 0 else vals))
+        return out[0], out[1]
 
     def signals(self, history: Sequence[str], items: Sequence[str]) -> tuple[FloatArray, FloatArray]:
         """(P_knn, P_markov) over `items` (any order; unknown items get 0)."""
-        hist = [self.knn.index[i] for i in history if i in self.knn.index]
-        if self._cols_for is not items:  # one lookup per catalog, not per request
-            self._cols = np.array([self.knn.index.get(i, -1) for i in items], dtype=np.int64)
-            self._cols_for = items
-        cols = self._cols
-        known = cols >= 0
         out = []
-        for s in (self.knn._scores(hist), self.markov._scores(hist)):
+        for cols, p in self.sparse_signals(history, items):
             row = np.zeros(len(items), dtype=np.float32)
-            row[known] = s[cols[known]]
-            out.append(self._dist(row))
+            row[cols] = p
+            out.append(row)
         return out[0], out[1]
 
     def refit(
@@ -238,9 +332,25 @@ class Blend:
     def log_probs(
         self, p_model: npt.NDArray[np.floating], history: Sequence[str], items: Sequence[str]
     ) -> npt.NDArray[np.float64]:
-        """The served score of each of `items`: the log of the mixture for a user with `history`."""
-        p_knn, p_markov = self.signals(history, items)
-        return np.log(self.mix(p_model, p_knn, p_markov).astype(np.float64) + 1e-30)
+        """The served score of each of `items`: the log of the mixture for a user with `history`.
+        Only the signals' own columns are added to the model's share: no dense signal rows."""
+        (k_cols, p_knn), (m_cols, p_markov) = self.sparse_signals(history, items)
+        mixed = (1.0 - self.w_knn - self.w_markov) * p_model
+        # Separate adds, knn first: the same sums, in the same order, as `mix` over dense rows.
+        mixed[k_cols] += self.w_knn * p_knn
+        mixed[m_cols] += self.w_markov * p_markov
+        return np.log(mixed.astype(np.float64) + 1e-30)
+
+    def log_probs_at(
+        self, p_model: npt.NDArray[np.floating], at: IntArray, signals: tuple[Sparse, Sparse]
+    ) -> npt.NDArray[np.float64]:
+        """`log_probs` at the columns `at` only (sorted, holding every column `signals` scores, as
+        `sparse_signals` gives them), `p_model` the model's probability there: the same values."""
+        (k_cols, p_knn), (m_cols, p_markov) = signals
+        mixed = (1.0 - self.w_knn - self.w_markov) * p_model
+        mixed[np.searchsorted(at, k_cols)] += self.w_knn * p_knn
+        mixed[np.searchsorted(at, m_cols)] += self.w_markov * p_markov
+        return np.log(mixed.astype(np.float64) + 1e-30)
 
     def mix(self, p_model: FloatArray, p_knn: FloatArray, p_markov: FloatArray) -> FloatArray:
         w = 1.0 - self.w_knn - self.w_markov
@@ -248,23 +358,22 @@ class Blend:
         return mixed
 
     def save(self, path: str) -> None:
-        m = self.markov
-        empty_i = np.zeros(0, dtype=np.int64)
-        a = np.concatenate([np.full(len(idx), n, dtype=np.int64) for n, idx in enumerate(m.next_idx)] or [empty_i])
-        b = np.concatenate(m.next_idx or [empty_i])
-        c = np.concatenate(m.next_cnt or [np.zeros(0, dtype=np.float32)])
+        knn, m = self.knn, self.markov
+        src = np.repeat(np.arange(len(m.indptr) - 1, dtype=np.int64), np.diff(m.indptr))
         np.savez_compressed(
             path,
-            items=np.array(self.knn.items, dtype=str),
-            pop=self.knn.pop,
-            nbr_idx=self.knn.nbr_idx,
-            nbr_sim=self.knn.nbr_sim,
-            recent=np.array(self.knn.recent),
-            window=np.array(self.knn.window),
-            decay=np.array(self.knn.decay),
-            markov_from=a.astype(np.int64),
-            markov_to=b.astype(np.int64),
-            markov_count=c.astype(np.float32),
+            items=np.array(knn.items, dtype=str),
+            pop=knn.pop,
+            knn_indptr=knn.indptr,
+            knn_indices=knn.indices,
+            knn_weights=knn.weights,
+            neighbours=np.array(knn.neighbours),
+            recent=np.array(knn.recent),
+            window=np.array(knn.window),
+            decay=np.array(knn.decay),
+            markov_from=src,
+            markov_to=m.indices.astype(np.int64),
+            markov_count=m.counts,
             weights=np.array([self.w_knn, self.w_markov], dtype=np.float64),
         )
 
@@ -272,21 +381,35 @@ class Blend:
     def load(cls, path: str) -> Blend:
         with np.load(path, allow_pickle=False) as z:
             items = [str(i) for i in z["items"]]
+            n = len(items)
             # Files written before sequential neighbourhoods existed hold classic item-kNN.
             window = int(z["window"]) if "window" in z.files else 0
             decay = float(z["decay"]) if "decay" in z.files else 0.0
-            knn = ItemKNN(neighbours=int(z["nbr_idx"].shape[1]), recent=int(z["recent"]), window=window, decay=decay)
+            neighbours = int(z["neighbours"]) if "knn_indptr" in z.files else int(z["nbr_idx"].shape[1])
+            knn = ItemKNN(neighbours=neighbours, recent=int(z["recent"]), window=window, decay=decay)
             markov = Markov()
+            index = {item: n for n, item in enumerate(items)}
             for model in (knn, markov):
-                model.items = items
-                model.index = {item: n for n, item in enumerate(items)}
+                model.items, model.index = items, index
                 model.pop = z["pop"].astype(np.float32)
-            knn.nbr_idx, knn.nbr_sim = z["nbr_idx"], z["nbr_sim"]
-            a, b, c = z["markov_from"], z["markov_to"], z["markov_count"]
-            order = np.argsort(a, kind="stable")
-            bounds = np.searchsorted(a[order], np.arange(len(items) + 1))
-            markov.next_idx = [b[order][bounds[n] : bounds[n + 1]] for n in range(len(items))]
-            markov.next_cnt = [c[order][bounds[n] : bounds[n + 1]].astype(np.float32) for n in range(len(items))]
+            if "knn_indptr" in z.files:
+                knn.indptr = z["knn_indptr"].astype(np.int64)
+                knn.indices = z["knn_indices"].astype(np.int32)
+                knn.weights = z["knn_weights"].astype(np.float32)
+            else:
+                # The older format: dense (items x neighbours) rows, padded with zero similarities,
+                # which score nothing and are dropped.
+                idx, sim = z["nbr_idx"], z["nbr_sim"].astype(np.float32)
+                rows = np.repeat(np.arange(n, dtype=np.int64), idx.shape[1] if idx.ndim == 2 else 0)
+                flat_idx, flat_sim = idx.ravel().astype(np.int64), sim.ravel()
+                keep = flat_sim > 0
+                knn._keep_top(rows[keep], flat_idx[keep], flat_sim[keep], n)
+            markov.set_rows(
+                z["markov_from"].astype(np.int64),
+                z["markov_to"].astype(np.int64),
+                z["markov_count"].astype(np.float32),
+                n,
+            )
             w_knn, w_markov = (float(x) for x in z["weights"])
         return cls(knn, markov, w_knn, w_markov)
 
@@ -370,22 +493,28 @@ def supports(blend: Blend | None, history: Sequence[str], items: Sequence[str]) 
     knn, markov = blend.knn, blend.markov
     hist = [h for h in history if h in knn.index]  # as Blend.signals reads the history
     cand = [i for i in items if i in knn.index]
-    if not hist or not cand or knn.nbr_idx.size == 0:
+    if not hist or not cand or knn.indices.size == 0:
         return out
     rows = np.array([knn.index[h] for h in hist], dtype=np.int64)
     cols = np.array([knn.index[i] for i in cand], dtype=np.int64)
-    # sim[r, c]: the similarity of history item r to candidate c (0 outside r's kept neighbours).
-    hits = knn.nbr_idx[rows][:, :, None] == cols[None, None, :]
-    sim = (knn.nbr_sim[rows][:, :, None] * hits).sum(axis=1).astype(np.float64)
-    # The kNN part as ItemKNN._scores computes it: the latest `recent` items, weighted by age.
+    # sim[r, c]: the similarity of history item r to candidate c (0 outside r's kept neighbours),
+    # read from the history's rows only.
+    sim = np.zeros((len(rows), len(cols)), dtype=np.float64)
+    row_total = np.zeros(len(rows), dtype=np.float64)
+    for r, item in enumerate(rows.tolist()):
+        nbr, w = knn.row(item)
+        row_total[r] = float(w.sum())
+        sim[r] = (w[:, None] * (nbr[:, None] == cols[None, :])).sum(axis=0)
+    # The kNN part as ItemKNN.sparse computes it: the latest `recent` items, weighted by age.
     window = len(rows) if knn.recent <= 0 else min(knn.recent, len(rows))
     weight = np.zeros(len(rows), dtype=np.float64)
     weight[len(rows) - window :] = np.arange(window, 0, -1, dtype=np.float64) ** -knn.decay
     contrib = sim * weight[:, None]
-    knn_total = float((knn.nbr_sim[rows].sum(axis=1) * weight).sum())
+    knn_total = float((row_total * weight).sum())
     last = int(rows[-1])
-    if last < len(markov.next_idx):
-        nxt = dict(zip(markov.next_idx[last].tolist(), markov.next_cnt[last].tolist(), strict=True))
+    if last < len(markov.indptr) - 1:
+        to, counts = markov.row(last)
+        nxt = dict(zip(to.tolist(), counts.tolist(), strict=True))
     else:
         nxt = {}
     markov_total = float(sum(nxt.values()))

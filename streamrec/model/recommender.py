@@ -260,6 +260,9 @@ class Recommender:
         self.trie = ItemTrie({})
         self._single: dict[int, str] = {}
         self._single_items: list[str] = []
+        self._single_tokens = torch.zeros(0, dtype=torch.long)
+        self._trie_items: list[str] = []
+        self._trie_columns: dict[str, int] = {}
         self.blend: Blend | None = None  # served now: the adapter's own blend, or the base model's
         self.base_blend: Blend | None = None
         # Under `semantic`: the codebook, the codes of the model or adapter in service (extended here
@@ -418,8 +421,10 @@ class Recommender:
         if catalog is None and (path / "catalog.jsonl").is_file():
             from streamrec.events import CatalogItem
 
-            lines = (path / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
-            catalog = Catalog(CatalogItem.model_validate_json(line) for line in lines if line.strip())
+            # Line by line, not the file's text split up front: at 10^6 items the lines' strings,
+            # interleaved with the items kept, would pin hundreds of MB of freed memory.
+            with (path / "catalog.jsonl").open(encoding="utf-8") as f:
+                catalog = Catalog(CatalogItem.model_validate_json(line) for line in f if line.strip())
         if catalog is not None:
             rec.set_catalog(catalog)
         if use_blend and (path / BLEND).is_file():
@@ -508,15 +513,24 @@ class Recommender:
             self.catalog = catalog
             self.names = identifiers(catalog, self.scheme, codes)
             self.texts = item_texts(catalog)
-            encode = self._encode_code if self.scheme == "semantic" else self.encode_target
-            self.trie = build_trie(servable, self.scheme, encode, codes=codes)
+            if self.scheme == "semantic":
+                self.trie = build_trie(
+                    servable, self.scheme, self._encode_code, encode_many=self._encode_codes, codes=codes
+                )
+            else:
+                self.trie = build_trie(servable, self.scheme, self.encode_target, encode_many=self.encode_targets)
+            # Built once per catalog, never per request: the item list, each item's column, and
+            # under a one-token scheme the token ids (a device tensor) whose logits rank the items.
+            self._trie_items = self.trie.items
+            self._trie_columns = {item: n for n, item in enumerate(self._trie_items)}
             # When every identifier is one token followed by EOS, the first decoding step already
             # ranks whole items exactly, so `recommend` can read all scores from one step.
             eos = self.tokenizer.eos_token_id
-            paths = {i: self.trie.path(i) for i in self.trie.items}
-            single = all(len(p) == 2 and p[1] == eos for p in paths.values())
-            self._single = {p[0]: i for i, p in paths.items()} if single else {}
+            paths = [self.trie.path(i) for i in self._trie_items]
+            single = all(len(p) == 2 and p[1] == eos for p in paths)
+            self._single = {p[0]: i for p, i in zip(paths, self._trie_items, strict=True)} if single else {}
             self._single_items = list(self._single.values())
+            self._single_tokens = torch.tensor(list(self._single), dtype=torch.long, device=self.device)
 
     # ---------------------------------------------------------------- semantic ids
 
@@ -577,9 +591,14 @@ class Recommender:
 
     def _encode_code(self, text: str) -> list[int]:
         """A code's token ids and EOS, read off the vocabulary: a code is its tokens, one per level."""
-        tokens = [t + ">" for t in text.split(">") if t]
-        ids = self.tokenizer.convert_tokens_to_ids(tokens)
-        return [*ids, int(self.tokenizer.eos_token_id)]
+        return self._encode_codes([text])[0]
+
+    def _encode_codes(self, texts: Sequence[str]) -> list[list[int]]:
+        vocab = (
+            {t: int(i) for t, i in zip(self.semantic.tokens, self.code_token_ids, strict=True)} if self.semantic else {}
+        )
+        eos = int(self.tokenizer.eos_token_id)
+        return [[*(vocab[t + ">"] for t in text.split(">") if t), eos] for text in texts]
 
     @property
     def code_token_ids(self) -> list[int]:
@@ -765,6 +784,21 @@ class Recommender:
         ids: list[int] = self.tokenizer(text).input_ids
         return ids
 
+    def encode_targets(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode_target` of many texts in one batched tokenizer call (the trie's 10^6 identifiers)."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            # The Rust tokenizer itself: transformers' wrapper converts each encoding in Python,
+            # which was most of a 10^6-item catalog's trie build. The wrapper leaves the last call's
+            # truncation and padding on it (and sets them again on each call): off, as for one text.
+            backend.no_truncation()
+            backend.no_padding()
+            return [e.ids for e in backend.encode_batch(list(texts))]
+        ids: list[list[int]] = self.tokenizer(list(texts)).input_ids
+        return ids
+
     # ---------------------------------------------------------------- adapters
 
     def load_adapter(self, adapter_dir: str, version: str | None = None, blend: Blend | None = None) -> None:
@@ -868,23 +902,28 @@ class Recommender:
         """Under a one-token-per-item scheme: log P(item | instruction) for every available item, in
         the order of `catalog.available_ids`, one row per request (for ranking and blending), at
         most `batch_size` requests (default: the model's) per forward pass."""
-        batch_size = batch_size or self.batch_size
         with self._lock:
-            if not self._single:
-                raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
-            tokens = torch.tensor(self.item_token_ids, device=self.device)
-            rows: list[npt.NDArray[np.float32]] = []
-            start = torch.full((1, 1), self.start_token_id, device=self.device)
-            for b in range(0, len(requests), batch_size):
-                chunk = requests[b : b + batch_size]
-                enc = self._tokenize([self.instruction(r) for r in chunk])
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                    logits = self.model(**enc, decoder_input_ids=start.expand(len(chunk), 1)).logits[:, 0, :]
+            rows = [logp.cpu().numpy() for _, logp in self._item_log_prob_batches(requests, batch_size)]
+            return np.concatenate(rows) if rows else np.zeros((0, len(self._single_tokens)), dtype=np.float32)
+
+    def _item_log_prob_batches(
+        self, requests: Sequence[RecRequest], batch_size: int | None
+    ) -> Iterator[tuple[Sequence[RecRequest], torch.Tensor]]:
+        """`item_log_probs` one batch at a time, as (requests, a tensor of rows on the device)."""
+        batch_size = batch_size or self.batch_size
+        if not self._single:
+            raise ModelError("item_log_probs needs a scheme with one token per item (item_token)")
+        tokens = self._single_tokens
+        start = torch.full((1, 1), self.start_token_id, device=self.device)
+        for b in range(0, len(requests), batch_size):
+            chunk = requests[b : b + batch_size]
+            enc = self._tokenize([self.instruction(r) for r in chunk])
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(**enc, decoder_input_ids=start.expand(len(chunk), 1)).logits[:, 0, :]
                 # Normalised over the items: the blend reads these as P(item), and the item loss
                 # never trains the text tokens' logits down.
                 logp = torch.log_softmax(logits[:, tokens].float(), dim=-1)
-                rows.append(logp.cpu().numpy())
-            return np.concatenate(rows) if rows else np.zeros((0, len(tokens)), dtype=np.float32)
+            yield chunk, logp
 
     @property
     def item_token_ids(self) -> list[int]:
@@ -931,15 +970,26 @@ class Recommender:
     def _recommend_single(
         self, requests: Sequence[RecRequest], k: int, batch_size: int, blend: Blend | None
     ) -> list[list[ScoredItem]]:
+        """The one-step ranking, read from a few columns per user: the model's top k plus as many
+        as the user excludes, and the columns the blend's signals score. Every other item scores
+        the model's share of its probability alone, below those top ones: the list is the one a
+        ranking of every column gives, without a pass over 10^6 columns per user on the host."""
         items = self.single_token_items
-        col = {item: n for n, item in enumerate(items)}
-        logp = self.item_log_probs(requests, batch_size).astype(np.float64)
+        col = self._trie_columns  # the trie's order is the single-token items' order
         out = []
-        for row, req in zip(logp, requests, strict=True):
-            if blend is not None:
-                row = blend.log_probs(np.exp(row), [h.item_id for h in req.history], items)
-            top = top_k(row, [col[i] for i in req.exclude if i in col], k)
-            out.append([ScoredItem(items[n], float(row[n])) for n in top])
+        for chunk, logp in self._item_log_prob_batches(requests, batch_size):
+            banned = [[col[i] for i in req.exclude if i in col] for req in chunk]
+            want = min(logp.shape[1], k + max((len(b) for b in banned), default=0))
+            tops = torch.topk(logp, want, dim=1).indices.cpu().numpy()
+            for r, req in enumerate(chunk):
+                signals = blend.sparse_signals([h.item_id for h in req.history], items) if blend is not None else None
+                extra = [signals[0][0], signals[1][0]] if signals is not None else []
+                at = np.unique(np.concatenate([tops[r].astype(np.int64), *extra]))  # sorted columns
+                row = logp[r, torch.from_numpy(at).to(logp.device)].cpu().numpy().astype(np.float64)
+                if blend is not None and signals is not None:
+                    row = blend.log_probs_at(np.exp(row), at, signals)
+                top = top_k(row, np.flatnonzero(np.isin(at, banned[r])).tolist(), k)
+                out.append([ScoredItem(items[at[n]], float(row[n])) for n in top])
         return out
 
     def _ranked(self, found: dict[str, float], k: int) -> list[ScoredItem]:
@@ -957,25 +1007,29 @@ class Recommender:
         """Per request under a multi-token scheme: the candidates (columns of `trie_items`) the blend
         ranks, the beam's items plus each classic signal's top items, with the model's log-probability
         of each (those the beam did not reach scored by teacher forcing, in one batched pass) and the
-        signals (P_knn, P_markov) over every trie item. The model's scores are already a
-        distribution over the items (see `_beam_search`), so they mix as they are."""
+        signals (P_knn, P_markov) at each candidate. The model's scores are already a distribution
+        over the items (see `_beam_search`), so they mix as they are. The signals are read sparse:
+        nothing here is per catalog item."""
         items = self.trie_items
-        col = {item: n for n, item in enumerate(items)}
+        col = self._trie_columns
         cands: list[list[str]] = []
         signals = []
         for req, beam in zip(requests, found, strict=True):
-            p_knn, p_markov = blend.signals([h.item_id for h in req.history], items)
-            banned = [col[i] for i in req.exclude if i in col]
-            extra = [items[n] for p in (p_knn, p_markov) for n in top_k(p, banned, self.BLEND_CANDIDATES) if p[n] > 0]
+            knn, markov = blend.sparse_signals([h.item_id for h in req.history], items)
+            banned = {col[i] for i in req.exclude if i in col}
+            top = self.BLEND_CANDIDATES
+            extra = [items[c] for cols, p in (knn, markov) for c in _best_columns(cols, p, banned, top)]
             cands.append(list(dict.fromkeys([*beam, *extra])))
-            signals.append((p_knn, p_markov))
+            signals.append((knn, markov))
         missing = [[i for i in c if i not in beam] for c, beam in zip(cands, found, strict=True)]
         scored = self.sequence_log_probs(requests, missing)
         out = []
-        for cand, beam, miss, extra_lp, (p_knn, p_markov) in zip(cands, found, missing, scored, signals, strict=True):
+        for cand, beam, miss, extra_lp, (knn, markov) in zip(cands, found, missing, scored, signals, strict=True):
             lp = dict(beam)
             lp.update(zip(miss, extra_lp.tolist(), strict=True))
-            out.append(([col[i] for i in cand], np.array([lp[i] for i in cand], dtype=np.float64), p_knn, p_markov))
+            at = np.array([col[i] for i in cand], dtype=np.int64)
+            logp = np.array([lp[i] for i in cand], dtype=np.float64)
+            out.append((at.tolist(), logp, _values_at(*knn, at), _values_at(*markov, at)))
         return out
 
     def _blended(
@@ -985,7 +1039,7 @@ class Recommender:
         items = self.trie_items
         out = []
         for at, logp, p_knn, p_markov in self._candidates(requests, found, blend):
-            row = np.log(blend.mix(np.exp(logp), p_knn[at], p_markov[at]) + 1e-30)
+            row = np.log(blend.mix(np.exp(logp), p_knn, p_markov) + 1e-30)
             top = top_k(row, [], k)
             out.append([ScoredItem(items[at[n]], float(row[n])) for n in top])
         return out
@@ -1227,8 +1281,8 @@ class Recommender:
 
     @property
     def trie_items(self) -> list[str]:
-        """The items generation can produce (available catalog items)."""
-        return self.trie.items
+        """The items generation can produce (available catalog items; one shared list: do not modify)."""
+        return self._trie_items
 
     def target_ids(self, item_ids: Sequence[str]) -> list[list[int]]:
         return [list(self.trie.path(i)) if i in self.trie else self.encode_target(self.names[i]) for i in item_ids]
@@ -1341,6 +1395,28 @@ class Recommender:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state)
+
+
+def _best_columns(cols: npt.NDArray[np.int64], p: npt.NDArray[np.float32], banned: set[int], k: int) -> list[int]:
+    """The `k` columns of a sparse signal with the largest positive values, best first (ties: the
+    lower column), never a `banned` one."""
+    ok = np.array([c not in banned for c in cols.tolist()], dtype=bool) & (p > 0)
+    cols, p = cols[ok], p[ok]
+    order = np.lexsort((cols, -p))[:k]
+    return [int(c) for c in cols[order]]
+
+
+def _values_at(
+    cols: npt.NDArray[np.int64], p: npt.NDArray[np.float32], at: npt.NDArray[np.int64]
+) -> npt.NDArray[np.float32]:
+    """A sparse signal's values at columns `at` (0 where it has none)."""
+    out = np.zeros(len(at), dtype=np.float32)
+    if len(cols):
+        order = np.argsort(cols)
+        where = np.minimum(np.searchsorted(cols[order], at), len(cols) - 1)
+        hit = cols[order][where] == at
+        out[hit] = p[order][where[hit]]
+    return out
 
 
 # Fewer of the model's own items with text than this: new rows start from their text's token rows.

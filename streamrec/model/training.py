@@ -24,6 +24,7 @@ from streamrec.catalog import Catalog, SchemeName
 from streamrec.codes import Code, SemanticIds, code_source, fit_semantic_ids
 from streamrec.datasets import Split
 from streamrec.instructions import Instructions, RecRequest, TrainingPair, item_texts, training_pairs
+from streamrec.model.blend import pair_weights
 from streamrec.model.recommender import Recommender, TinyConfig, Trainer, dtype_name, seed_everything
 from streamrec.ranking import rank_metrics
 from streamrec.settings import TrainSettings
@@ -191,31 +192,46 @@ def cooccurrence_embeddings(
 ) -> np.ndarray:
     """Item vectors from the training log: a truncated SVD of the positive PMI of items seen within
     `window` steps of each other. A from-scratch model starts with these as its item-token
-    embeddings; learning item similarity from random vectors would take it many more epochs."""
+    embeddings; learning item similarity from random vectors would take it many more epochs. The
+    PMI is kept sparse (the pairs the log has), never an items x items matrix."""
     index = {item: n for n, item in enumerate(items)}
     n = len(items)
-    co = np.zeros((n, n), dtype=np.float32)
-    for seq in sequences.values():
-        ids = np.array([index[h.item_id] for h in seq if h.item_id in index], dtype=np.int64)
-        for lag in range(1, window + 1):
-            if len(ids) > lag:
-                np.add.at(co, (ids[:-lag], ids[lag:]), 1.0 / lag)
-    co += co.T
-    total = float(co.sum()) or 1.0
-    row = co.sum(axis=1) + 1e-9
-    # Positive PMI, computed in place: a 12k-item catalog makes this matrix 0.6 GB.
-    co *= total
-    co /= row[:, None]
-    co /= row[None, :]
-    np.maximum(co, 1.0, out=co)
-    pmi = np.log(co, out=co)
+    seqs = list(sequences.values())
+    raw = np.fromiter((index.get(h.item_id, -1) for seq in seqs for h in seq), dtype=np.int64)
+    owner = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
+    known = raw >= 0
+    lengths = np.bincount(owner[known], minlength=len(seqs)).astype(np.int64)
+    lo, hi, w = pair_weights(raw[known], lengths, n, window, by_distance=True, self_pairs=True)
+    # The symmetric matrix counts a pair both ways: an item with itself twice, on the diagonal.
+    diag = lo == hi
+    rows = np.concatenate([lo[~diag], hi[~diag], lo[diag]])
+    cols = np.concatenate([hi[~diag], lo[~diag], lo[diag]])
+    vals = np.concatenate([w[~diag], w[~diag], 2 * w[diag]])
+    total = float(vals.sum()) or 1.0
+    row = np.bincount(rows, weights=vals, minlength=n) + 1e-9
+    pmi = np.log(np.maximum(vals * total / row[rows] / row[cols], 1.0))
+    keep = pmi > 0  # positive PMI: the other pairs are zeros of the matrix
+    rows, cols, pmi = rows[keep], cols[keep], pmi[keep]
+    order = np.argsort(rows, kind="stable")
+    rows, cols, pmi = rows[order], cols[order], pmi[order]
+
+    def times(x: np.ndarray) -> np.ndarray:
+        """pmi @ x (pmi is symmetric, so pmi.T @ x too), in chunks of entries."""
+        out = np.zeros((n, x.shape[1]), dtype=np.float64)
+        step = max(1, (1 << 24) // max(x.shape[1], 1))
+        for s in range(0, len(rows), step):
+            r = rows[s : s + step]
+            starts = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+            out[r[starts]] += np.add.reduceat(pmi[s : s + step, None] * x[cols[s : s + step]], starts, axis=0)
+        return out
+
     # Randomised SVD (a few power iterations): exact SVD is cubic in the catalog size.
     rng = np.random.default_rng(seed)
     k = min(dim, n)
-    q, _ = np.linalg.qr(pmi @ rng.standard_normal((n, k + 8)).astype(np.float32))
+    q, _ = np.linalg.qr(times(rng.standard_normal((n, k + 8)).astype(np.float32)))
     for _ in range(2):
-        q, _ = np.linalg.qr(pmi @ (pmi.T @ q))
-    u, sv, _ = np.linalg.svd(q.T @ pmi, full_matrices=False)
+        q, _ = np.linalg.qr(times(times(q)))
+    u, sv, _ = np.linalg.svd(times(q).T, full_matrices=False)
     vecs = (q @ u[:, :k]) * np.sqrt(sv[:k])[None, :]
     vecs /= vecs.std() + 1e-9
     out = np.zeros((n, dim), dtype=np.float32)

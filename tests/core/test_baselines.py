@@ -114,4 +114,70 @@ def test_a_refitted_blend_keeps_its_settings_and_weights_and_learns_the_new_sequ
         np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k not in ("window", "decay")})
     old = Blend.load(str(tmp_path / "old.npz"))
     assert (old.knn.window, old.knn.decay) == (0, 0.0)
-    np.testing.assert_array_equal(old.knn.nbr_idx, back.knn.nbr_idx)
+    np.testing.assert_array_equal(old.knn.indices, back.knn.indices)
+
+
+def _old_format(blend: Blend, path: Path) -> None:
+    """`blend` written as files were before sparse rows: every item's neighbours as one dense row of
+    the same width, padded with zero similarities, and the Markov chain as (from, to, count)."""
+    knn, mk = blend.knn, blend.markov
+    counts = np.diff(knn.indptr)
+    width = max(int(counts.max()), 1)
+    nbr_idx = np.zeros((len(knn.items), width), dtype=np.int64)
+    nbr_sim = np.zeros((len(knn.items), width), dtype=np.float32)
+    for row in range(len(knn.items)):
+        idx, sim = knn.row(row)
+        nbr_idx[row, : len(idx)], nbr_sim[row, : len(idx)] = idx, sim
+    src = np.repeat(np.arange(len(knn.items)), np.diff(mk.indptr))
+    np.savez_compressed(
+        path,
+        items=np.array(knn.items, dtype=str),
+        pop=knn.pop,
+        nbr_idx=nbr_idx,
+        nbr_sim=nbr_sim,
+        recent=np.array(knn.recent),
+        window=np.array(knn.window),
+        decay=np.array(knn.decay),
+        markov_from=src,
+        markov_to=mk.indices.astype(np.int64),
+        markov_count=mk.counts,
+        weights=np.array([blend.w_knn, blend.w_markov]),
+    )
+
+
+def test_a_blend_file_of_the_dense_format_loads_and_ranks_the_same(tmp_path: Path) -> None:
+    train = _train({"u1": "a b c d", "u2": "a b", "u3": "e a c", "u4": "d e", "u5": "a b e c"})
+    blend = Blend(ItemKNN(recent=3, window=2, decay=0.5).fit(train, ITEMS), Markov().fit(train, ITEMS), 0.4, 0.3)
+    _old_format(blend, tmp_path / "old.npz")
+    with np.load(tmp_path / "old.npz") as z:
+        assert "knn_indptr" not in z.files and z["nbr_idx"].shape[1] > 1  # padded rows: a real old file
+    old = Blend.load(str(tmp_path / "old.npz"))
+    assert (old.knn.recent, old.knn.window, old.knn.decay, old.w_knn, old.w_markov) == (3, 2, 0.5, 0.4, 0.3)
+    uniform = np.full(len(ITEMS), 0.2)
+    for history in (["a"], ["a", "d"], ["e", "c", "b"], ["zz"]):
+        for x, y in zip(blend.signals(history, ITEMS), old.signals(history, ITEMS), strict=True):
+            np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(blend.log_probs(uniform, history, ITEMS), old.log_probs(uniform, history, ITEMS))
+        assert [s.item_id for s in old.knn.recommend(history, k=5)] == [
+            s.item_id for s in blend.knn.recommend(history, k=5)
+        ]
+
+
+def test_the_signals_fit_and_score_a_million_item_catalog_from_its_pairs_alone() -> None:
+    # A dense items x items co-occurrence would need 4 TB here; the pairs are a few thousand.
+    n = 1_000_000
+    items = [f"i{k}" for k in range(n)]
+    seqs = {f"u{u}": [f"i{u * 4999 % n}", "i0", f"i{n - 1}", f"i{(u * 7919 + 1) % n}"] for u in range(1, 201)}
+    train = {u: [HistoryItem(i) for i in s] for u, s in seqs.items()}
+    knn = ItemKNN(recent=5, window=3).fit(train, items)
+    mk = Markov().fit(train, items)
+    assert isinstance(knn, ItemKNN) and isinstance(mk, Markov)
+    assert len(knn.indptr) == n + 1 and knn.indices.size <= 2 * 200 * 6 and mk.indices.size <= 200 * 3
+    blend = Blend(knn, mk, 0.5, 0.5)
+    (k_cols, p_knn), (m_cols, p_markov) = blend.sparse_signals(["i0"], items)
+    # Every user went from i0 to the catalog's last item: both signals say so, read from one row.
+    assert items[int(m_cols[np.argmax(p_markov)])] == f"i{n - 1}" and p_markov.max() == pytest.approx(1.0)
+    assert items[int(k_cols[np.argmax(p_knn)])] == f"i{n - 1}" and len(k_cols) <= 200 * 2 + 1
+    dense_knn, dense_markov = blend.signals(["i0"], items)
+    assert dense_knn.sum() == pytest.approx(1.0) and dense_markov[n - 1] == pytest.approx(1.0)
+    assert [s.item_id for s in knn.recommend(["i0"], exclude={"i0"}, k=1)] == [f"i{n - 1}"]

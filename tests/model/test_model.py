@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from streamrec.catalog import Catalog
@@ -202,3 +203,30 @@ def test_a_saved_blend_is_served_and_keeps_every_constraint(tiny: Path, tmp_path
     alone = served.recommend(reqs, k=5, blend=False)
     assert [s.item_id for s in blended[0]] != [s.item_id for s in alone[0]]
     assert Recommender.load(str(tmp_path / "blended"), "cpu", use_blend=False).blend is None
+
+
+@pytest.mark.parametrize("blended", [False, True], ids=["model alone", "blended"])
+def test_one_step_lists_read_from_a_few_columns_are_those_of_every_column(tiny: Path, blended: bool) -> None:
+    from streamrec.model.blend import Blend, ItemKNN, Markov, top_k
+
+    ids = _catalog().ids
+    train = {f"u{n}": [HistoryItem(f"i{(n * 3 + t) % 40}") for t in range(5)] for n in range(40)}
+    knn, markov = ItemKNN(recent=3).fit(train, ids), Markov().fit(train, ids)
+    assert isinstance(knn, ItemKNN) and isinstance(markov, Markov)
+    rec = Recommender.load(str(tiny), "cpu")
+    blend = Blend(knn, markov, w_knn=0.3, w_markov=0.3) if blended else None
+    rec.set_blend(blend)
+    reqs = [
+        *_requests(),
+        RecRequest(tuple(HistoryItem(f"i{k}") for k in (4, 9, 13)), frozenset(f"i{k}" for k in range(10, 22))),
+    ]
+    items = rec.single_token_items
+    col = {item: n for n, item in enumerate(items)}
+    expected = []
+    for req, row in zip(reqs, rec.item_log_probs(reqs).astype(np.float64), strict=True):
+        if blend is not None:
+            row = blend.log_probs(np.exp(row), [h.item_id for h in req.history], items)
+        top = top_k(row, [col[i] for i in req.exclude if i in col], 6)
+        expected.append([(items[n], float(row[n])) for n in top])
+    got = [[(s.item_id, s.score) for s in lst] for lst in rec.recommend(reqs, k=6)]
+    assert got == expected

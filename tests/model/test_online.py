@@ -193,9 +193,9 @@ def test_an_increment_refits_the_blend_ships_it_under_the_manifest_and_the_next_
     held = {e.event_id for e in split_fresh_replay(first, None, 0.5, 0, holdout=40).holdout}
     expected = start.refit(user_sequences(e for e in first if e.event_id not in held), CATALOG.ids)
     assert (shipped.knn.recent, shipped.knn.window, shipped.w_knn, shipped.w_markov) == (3, 2, 0.3, 0.2)
-    np.testing.assert_array_equal(shipped.knn.nbr_idx, expected.knn.nbr_idx)
-    np.testing.assert_allclose(shipped.knn.nbr_sim, expected.knn.nbr_sim)
-    assert not np.array_equal(shipped.knn.nbr_sim, start.knn.nbr_sim)
+    np.testing.assert_array_equal(shipped.knn.indices, expected.knn.indices)
+    np.testing.assert_allclose(shipped.knn.weights, expected.knn.weights)
+    assert not np.array_equal(shipped.knn.weights, start.knn.weights)
     holdout = [e for e in first if e.event_id in held]
     assert one.decision.candidate == pytest.approx(score(served_model(blended, registry, v1), holdout, False))
 
@@ -223,7 +223,7 @@ def test_an_increment_refits_the_blend_ships_it_under_the_manifest_and_the_next_
     assert served is not None and served.blend is served.base_blend
     worker.apply_adapter(registry.announcement(registry.get(v1)))
     assert served.blend is not None and served.blend is not served.base_blend
-    np.testing.assert_array_equal(served.blend.knn.nbr_idx, shipped.knn.nbr_idx)
+    np.testing.assert_array_equal(served.blend.knn.indices, shipped.knn.indices)
     worker.apply_adapter(registry.announcement(three.manifest))
     assert served.blend is served.base_blend and served.adapter_version == three.manifest.version
 
@@ -262,4 +262,4 @@ def test_an_increment_chooses_the_blend_weights_again_on_fresh_examples_its_stat
     w_knn, w_markov, _ = blend_weights(model, stats, requests, [e.target for e in tune])
     assert (shipped.w_knn, shipped.w_markov) == (w_knn, w_markov)
     expected = start.refit(user_sequences(split.train), CATALOG.ids)
-    np.testing.assert_allclose(shipped.knn.nbr_sim, expected.knn.nbr_sim)
+    np.testing.assert_allclose(shipped.knn.weights, expected.knn.weights)

@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from walks import cycle_log
 
 from streamrec.catalog import Catalog
 from streamrec.datasets import LogEvent, Split, leave_one_out
 from streamrec.events import CatalogItem
+from streamrec.instructions import HistoryItem
 from streamrec.lab.baselines import Popularity
 from streamrec.model.blend import ItemKNN, Markov
 from streamrec.ranking import rank_metrics
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.model
 pytest.importorskip("torch")
 
 from streamrec.lab.offline import requests_for  # noqa: E402
-from streamrec.model.training import train  # noqa: E402
+from streamrec.model.training import cooccurrence_embeddings, train  # noqa: E402
 
 PHASES = ["dawn", "noon", "dusk", "night", "frost", "bloom"]
 SMALL = TrainSettings(
@@ -161,3 +164,55 @@ def test_eval_command_writes_report_and_chart(tmp_path: Path) -> None:
         assert {"HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR", "coverage@10"} <= set(metrics)
         assert 0.0 <= metrics["NDCG@10"] <= metrics["HR@10"] <= 1.0
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def _dense_ppmi_embeddings(seqs: dict[str, list[HistoryItem]], items: list[str], dim: int, window: int) -> Any:
+    """The item vectors by the book: the dense positive-PMI matrix, then the same randomised SVD."""
+    index = {item: n for n, item in enumerate(items)}
+    n = len(items)
+    co = np.zeros((n, n))
+    for seq in seqs.values():
+        ids = np.array([index[h.item_id] for h in seq if h.item_id in index], dtype=np.int64)
+        for lag in range(1, window + 1):
+            if len(ids) > lag:
+                np.add.at(co, (ids[:-lag], ids[lag:]), 1.0 / lag)
+    co += co.T
+    row = co.sum(axis=1) + 1e-9
+    pmi = np.log(np.maximum(co * co.sum() / row[:, None] / row[None, :], 1.0))
+    rng = np.random.default_rng(0)
+    k = min(dim, n)
+    q, _ = np.linalg.qr(pmi @ rng.standard_normal((n, k + 8)).astype(np.float32))
+    for _ in range(2):
+        q, _ = np.linalg.qr(pmi @ (pmi.T @ q))
+    u, sv, _ = np.linalg.svd(q.T @ pmi, full_matrices=False)
+    vecs = (q @ u[:, :k]) * np.sqrt(sv[:k])[None, :]
+    return vecs / (vecs.std() + 1e-9)
+
+
+def test_item_vectors_come_from_the_sparse_pmi_as_from_the_dense_one() -> None:
+    rng = random.Random(3)
+    items = [f"i{k}" for k in range(60)]
+    # Walks along the item order with jumps, repeats (an item next to itself) and an unknown item.
+    seqs: dict[str, list[HistoryItem]] = {}
+    for u in range(80):
+        at, seq = rng.randrange(60), []
+        for _ in range(rng.randint(2, 12)):
+            seq.append(HistoryItem(items[at] if rng.random() > 0.05 else "gone"))
+            at = (at + rng.choice([0, 1, 1, 2, 7])) % 60
+        seqs[f"u{u}"] = seq
+    got = cooccurrence_embeddings(seqs, items, 8, window=3)
+    expected = _dense_ppmi_embeddings(seqs, items, 8, window=3)
+    assert got.shape == (60, 8)
+    np.testing.assert_allclose(got @ got.T, expected @ expected.T, atol=1e-4)
+
+
+def test_item_vectors_for_a_million_items_need_only_the_pairs() -> None:
+    n = 1_000_000
+    items = [f"i{k}" for k in range(n)]
+    seqs = {f"u{u}": [HistoryItem(f"i{(u * 7919 + j) % n}") for j in range(5)] for u in range(300)}
+    vecs = cooccurrence_embeddings(seqs, items, 4, window=2)  # a dense PMI would be 8 TB
+    assert vecs.shape == (n, 4) and np.isfinite(vecs).all() and vecs.any()
+    # Only the 1,500 items some user had get a vector; the others (the last one among them) none,
+    # up to the QR's rounding.
+    norms = np.linalg.norm(vecs, axis=1)
+    assert int((norms > 1e-6).sum()) <= 300 * 5 and norms[n - 1] < 1e-6 and norms[0] > 1e-3
