@@ -21,23 +21,23 @@ def test_bench_scale_report(tmp_path: Path) -> None:
     assert json.loads(out.read_text()) == report
     assert "cpus_usable" in report["machine"]
     assert [(r["scheme"], r["items"]) for r in report["runs"]] == [
-        ("item_token", 300),
-        ("title", 300),
-        ("item_token", 600),
-        ("title", 600),
+        (scheme, size) for size in (300, 600) for scheme in ("item_token", "title", "semantic")
     ]
     for r in report["runs"]:
         assert {"scheme", "items", "users", "rss_bytes", "users_per_s", "blend_fit_s", "codes_s"} <= set(r)
         assert r["users"] == 200 and r["timed_users"] == 8
-        assert r["codes_s"] is None  # neither scheme assigns codes
+        assert (r["codes_s"] is None) == (r["scheme"] != "semantic"), r  # only semantic ids are fitted
         assert 0 < r["rss_start_bytes"] < r["rss_bytes"] <= r["peak_rss_bytes"]
         assert r["users_per_s"] > 0 and r["blend_fit_s"] > 0
         # The worker serves what was saved: every available item, under its scheme.
         assert r["trie_items"] == sum(i.available for i in scale_catalog(r["items"]))
         assert r["events"] == 200 * 20 and r["knn_neighbour_entries"] > 0 and r["markov_entries"] > 0
-    token, title = report["runs"][2], report["runs"][3]
+    token, title, semantic = report["runs"][3:]
     assert token["embedding_rows"] > 600 and token["trie_max_len"] == 2  # a token per item, then EOS
     assert title["embedding_rows"] < token["embedding_rows"] and title["trie_max_len"] > 2
+    assert semantic["codes_s"] > 0 and semantic["trie_max_len"] == 5  # 4 code tokens, then EOS
+    # The text vocabulary plus a few dozen code tokens (17 per level at 600 items), not a row per item.
+    assert 0 < semantic["embedding_rows"] - title["embedding_rows"] < 100
 
 
 def test_the_simulated_catalog_names_every_item_uniquely_and_histories_follow_series() -> None:

@@ -28,7 +28,7 @@ from streamrec.lab.bench import machine
 from streamrec.lab.simulate import CATEGORIES
 
 SIZES = (10_000, 100_000, 1_000_000)
-SCHEMES: tuple[SchemeName, ...] = ("item_token", "title")
+SCHEMES: tuple[SchemeName, ...] = ("item_token", "title", "semantic")
 USERS = 100_000
 EVENTS_PER_USER = 20  # each simulated user's history: what the blend is fitted on
 TIMED_USERS = 512  # requests timed per worker (their histories: simulated users' last events)
@@ -36,9 +36,19 @@ BATCH = 64
 HISTORY = "histories.json"
 FIT = "fit.json"
 
-# Schemes whose items get codes (learned from item text) register the assignment here: it is timed
-# as `codes_s` on the size's catalog. Schemes without codes report null.
-CODES: dict[str, Callable[[Catalog], object]] = {}
+
+def semantic_codes(catalog: Catalog, train: dict[str, list[HistoryItem]]) -> Any:
+    """What `streamrec train --scheme semantic` fits before the model: the codebook and every item's
+    code, from its text and its co-occurrence in `train` (timed as `codes_s`)."""
+    from streamrec.datasets import Split
+    from streamrec.model.training import semantic_ids
+
+    return semantic_ids(Split(train, {}, {}), catalog)
+
+
+# Schemes whose items get codes: the fit is timed as `codes_s` on the size's catalog and handed to
+# the model. Schemes without codes report null.
+CODES: dict[str, Callable[[Catalog, dict[str, list[HistoryItem]]], Any]] = {"semantic": semantic_codes}
 
 _BRANDS = ("Acme", "Northwind", "Bluebird", "Everpeak", "Solace", "Kestrel", "Umbra", "Verdant", "Lumen", "Wren")
 _ADJECTIVES = ("classic", "compact", "deluxe", "eco", "light", "modern", "pro", "smart", "sport", "ultra")
@@ -119,10 +129,11 @@ def prepare(items: int, users: int, schemes: Sequence[str], out: Path, timed: in
     assert isinstance(knn, ItemKNN) and isinstance(markov, Markov)
     blend = Blend(knn, markov, 0.3, 0.2)
     codes: dict[str, float] = {}
+    fitted: dict[str, Any] = {}
     for scheme in schemes:
         if scheme in CODES:
             start = time.perf_counter()
-            CODES[scheme](catalog)
+            fitted[scheme] = CODES[scheme](catalog, train)
             codes[scheme] = time.perf_counter() - start
     picked = np.random.default_rng(2).choice(users, size=min(timed, users), replace=False)
     (out / HISTORY).write_text(json.dumps([[ids[c] for c in hist[u]] for u in picked.tolist()]))
@@ -138,7 +149,7 @@ def prepare(items: int, users: int, schemes: Sequence[str], out: Path, timed: in
     del train, hist
     gc.collect()
     for scheme in schemes:
-        rec = Recommender.build_tiny(catalog, device="cpu", scheme=scheme)  # type: ignore[arg-type]
+        rec = Recommender.build_tiny(catalog, device="cpu", scheme=scheme, semantic=fitted.get(scheme))  # type: ignore[arg-type]
         rec.set_blend(blend)
         rec.save(out / scheme)
         del rec
