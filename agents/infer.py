@@ -15,8 +15,7 @@ from agents.supervision import dead_letter
 from streamrec.events import ADAPTER_KEY
 from streamrec.generation import AdapterWatch, CatalogWatch, Generator, newest_per_user, served_by
 from streamrec.metrics import FRESHNESS_SECONDS, GENERATION_SECONDS, INFER_BATCH, RECOMMENDATIONS
-from streamrec.serving import TrendingProbs
-from streamrec.trending import read_trending
+from streamrec.trending import TrendingReader
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +31,7 @@ def register(streams: InferStreams) -> None:
     # One thread: generation is serialised and never blocks the event loop, so heartbeats and
     # commits go on while a slow batch runs.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
-    # Snapshots change every few seconds and batches come many times a second: decode and prepare
-    # them (TrendingProbs) when they change, not for each batch and user.
-    trending_of: dict[str, tuple[tuple[tuple[bytes, bytes], ...], TrendingProbs]] = {}
-
-    def current_trending() -> TrendingProbs:
-        snapshots = tuple(streams.trending.values.items())
-        cached = trending_of.get("last")
-        if cached is None or cached[0] != snapshots:
-            cached = trending_of["last"] = (snapshots, TrendingProbs(read_trending(dict(snapshots))))
-        return cached[1]
+    trending = TrendingReader()
 
     async def refresh_catalog(loop: asyncio.AbstractEventLoop) -> None:
         current = catalogs.to_apply(streams.catalog.values, generator.recommender is not None, time.monotonic())
@@ -79,9 +69,8 @@ def register(streams: InferStreams) -> None:
             await maybe_swap_adapter(loop)
             INFER_BATCH.observe(len(batch))
             with GENERATION_SECONDS.time():
-                trending = current_trending()
-                updates = [u for _, u in batch]
-                served, failed = await loop.run_in_executor(executor, generator.generate_each, updates, trending)
+                trends, updates = trending.read(streams.trending.values), [u for _, u in batch]
+                served, failed = await loop.run_in_executor(executor, generator.generate_each, updates, trends)
             for n, exc in failed:  # a history that breaks generation on its own
                 await dead_letter(dlq, settings, batch[n][0].message, exc)
             for n, rec in served:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import struct
+import sys
 from array import array
 from collections.abc import Sequence
 from datetime import datetime
@@ -27,7 +28,7 @@ from streamrec.settings import ContractSettings
 def id_digest(event_id: str) -> int:
     """The 64-bit digest the dedup memory keeps of an event id: 8 bytes whatever the id's length.
     Two distinct ids of one user collide with odds of about 1 in 2^64 / dedup_window (1.8e16 for
-    1,000 ids), per event: one lost event in some 10^4 years at 10^5 events/s."""
+    1,000 ids), per event: one lost event in some 6,000 years at 10^5 events/s."""
     return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
 
 
@@ -36,6 +37,7 @@ _EVENTS = TypeAdapter(tuple[Event, ...])
 # endian), then the events as compact JSON. Version 1 values are the model's JSON (they start with "{").
 _V2 = b"\x02"
 _COUNT = struct.Struct("<I")
+assert array("Q").itemsize == 8  # the digests' array type, on every platform CPython builds for
 
 
 def encode_events(events: Sequence[Event]) -> bytes:
@@ -65,20 +67,22 @@ class UserState(BaseModel):
     def to_bytes(self, events_json: bytes | None = None) -> bytes:
         """The table value; `events_json`: encode_events(self.events) when the caller has it."""
         digests = array("Q", self.seen)
-        if digests.itemsize != 8 or array("H", [1]).tobytes() != b"\x01\x00":  # pragma: no cover
-            raise StateError("the stored history format needs 8-byte little-endian integers")
+        if sys.byteorder == "big":  # the stored form is little endian wherever it was written
+            digests.byteswap()
         return b"".join((_V2, _COUNT.pack(len(digests)), digests.tobytes(), events_json or encode_events(self.events)))
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> UserState:
         if raw[:1] != _V2:
             return cls.model_validate_json(raw)
-        (count,) = _COUNT.unpack_from(raw, 1)
+        count = _COUNT.unpack_from(raw, 1)[0] if len(raw) >= 1 + _COUNT.size else -1
         end = 1 + _COUNT.size + 8 * count
-        if len(raw) < end:
+        if count < 0 or len(raw) < end:
             raise ValueError(f"a stored history of {len(raw)} bytes is cut short of its {count} digests")
         seen = array("Q")
         seen.frombytes(raw[1 + _COUNT.size : end])
+        if sys.byteorder == "big":
+            seen.byteswap()
         return cls.model_construct(events=_EVENTS.validate_json(raw[end:]), seen=tuple(seen))
 
 

@@ -13,6 +13,7 @@ from operator import itemgetter
 
 from streamrec.errors import InvalidMessage
 from streamrec.events import Event, TrendingSnapshot, parse
+from streamrec.serving import TrendingProbs
 
 PURCHASE_WEIGHT = 3.0  # a purchase says more about what is wanted now than a click
 
@@ -100,3 +101,19 @@ def read_trending(table: Mapping[bytes, bytes]) -> dict[str, float]:
         except InvalidMessage:
             continue
     return merge_snapshots(snapshots)
+
+
+class TrendingReader:
+    """The merged trending of a topic mirror of snapshots, prepared for serving (TrendingProbs).
+    Snapshots change every few seconds and batches come many times a second: decoded and prepared
+    only when one changed, not for each batch and user."""
+
+    def __init__(self) -> None:
+        self._snapshots: tuple[tuple[bytes, bytes], ...] | None = None
+        self._prepared = TrendingProbs({})
+
+    def read(self, table: Mapping[bytes, bytes]) -> TrendingProbs:
+        snapshots = tuple(table.items())
+        if snapshots != self._snapshots:
+            self._snapshots, self._prepared = snapshots, TrendingProbs(read_trending(dict(snapshots)))
+        return self._prepared

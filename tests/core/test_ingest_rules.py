@@ -57,6 +57,9 @@ def test_a_stored_history_that_does_not_validate_is_a_damaged_store() -> None:
     assert stored_state(b"u1", None) is None and stored_state(b"u1", b"") is None
     with pytest.raises(StateError, match="unreadable"):
         stored_state(b"u1", b'{"events": 3}')
+    for damaged in (b"\x02", b"\x02\x05\x00\x00\x00" + bytes(8), state.to_bytes()[:-3]):
+        with pytest.raises(StateError, match="unreadable"):
+            stored_state(b"u1", damaged)
 
 
 def test_a_batch_skips_duplicates_and_names_the_newest_event_as_trigger() -> None:

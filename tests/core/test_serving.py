@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from streamrec.catalog import ScoredItem
-from streamrec.events import Event, EventType, HistoryUpdate
+from streamrec.events import Event, EventType, HistoryUpdate, TrendingSnapshot
 from streamrec.serving import Served, TrendingProbs, model_weight, serve_list, serving_task, trigger_type
-from streamrec.trending import Trending, merge_snapshots
+from streamrec.trending import Trending, TrendingReader, merge_snapshots
 
 AVAILABLE = {f"i{n}" for n in range(10)}
 
@@ -195,3 +195,17 @@ def test_trending_prepared_once_per_batch_serves_exactly_the_per_user_lists() ->
         expected = _serve_list_per_user(model, trending, **rules)
         assert serve_list(model, TrendingProbs(trending), **rules) == expected
         assert serve_list(model, trending, **rules) == expected
+
+
+def test_trending_is_prepared_again_only_when_a_snapshot_changes() -> None:
+    def snapshot(partition: int, items: dict[str, float]) -> bytes:
+        as_of = datetime(2024, 1, 1, tzinfo=UTC)
+        return TrendingSnapshot(partition=partition, items=items, as_of=as_of).model_dump_json().encode()
+
+    reader = TrendingReader()
+    mirror = {b"0": snapshot(0, {"i1": 2.0}), b"1": snapshot(1, {"i1": 1.0, "i2": 1.0})}
+    first = reader.read(mirror)
+    assert dict(first) == {"i1": 3.0, "i2": 1.0} and first.ranked == ["i1", "i2"]
+    assert reader.read(dict(mirror)) is first
+    mirror[b"1"] = snapshot(1, {"i2": 5.0})
+    assert reader.read(mirror).ranked == ["i2", "i1"]
