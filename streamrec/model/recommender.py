@@ -296,7 +296,8 @@ class Recommender:
         texts = [f"{i.title} {i.category or ''} {i.description or ''}" for i in catalog]
         template_words = [t.text for ts in instructions.templates.values() for t in ts]
         if scheme == "semantic" and semantic is None:
-            semantic = fit_semantic_ids(catalog.ids, [code_source(item_texts(catalog), i) for i in catalog.ids])
+            by_item = item_texts(catalog)
+            semantic = fit_semantic_ids(catalog.ids, [code_source(by_item, i) for i in catalog.ids])
         added = [item_token(i) for i in catalog.ids] if scheme == "item_token" else []
         tokenizer = train_tokenizer(
             # string.printable: every separator or punctuation an edited template may use is a token.
@@ -483,13 +484,13 @@ class Recommender:
         `extends_items` for this call."""
         with self._lock:
             servable = catalog
+            texts = item_texts(catalog)
             if self.scheme == "item_token":
                 self._drop_provisional()
                 known = self.item_tokens
                 missing = sorted(i for i in catalog.ids if i not in known)
                 extend = self.extends_items if extend is None else extend
                 wrapped = hasattr(self.model, "peft_config")
-                texts = item_texts(catalog)
                 if self.provisional_items and not wrapped and self._rows() - len(self.tokenizer) < SPARE_ROWS:
                     # Headroom before an adapter fixes the size: items that come later are served too.
                     self._grow(len(self.tokenizer) + self._spare())
@@ -508,17 +509,14 @@ class Recommender:
                         left = set(missing[len(take) :])
                         servable = Catalog(item for item in catalog if item.item_id not in left)
             elif self.scheme == "semantic":
-                self._code_new_items(catalog, self.extends_items if extend is None else extend)
+                self._code_new_items(catalog, texts, self.extends_items if extend is None else extend)
             codes = {**self.item_codes, **self._provisional_codes}
             self.catalog = catalog
             self.names = identifiers(catalog, self.scheme, codes)
-            self.texts = item_texts(catalog)
-            if self.scheme == "semantic":
-                self.trie = build_trie(
-                    servable, self.scheme, self._encode_code, encode_many=self._encode_codes, codes=codes
-                )
-            else:
-                self.trie = build_trie(servable, self.scheme, self.encode_target, encode_many=self.encode_targets)
+            self.texts = texts
+            self.trie = build_trie(
+                servable, self.scheme, self.encode_target, encode_many=self.encode_targets, codes=codes
+            )
             # Built once per catalog, never per request: the item list, each item's column, and
             # under a one-token scheme the token ids (a device tensor) whose logits rank the items.
             self._trie_items = self.trie.items
@@ -540,7 +538,8 @@ class Recommender:
         if (path / CODEBOOK_FILE).is_file():
             self.semantic = SemanticIds.load(str(path / CODEBOOK_FILE))
             self.item_codes = read_codes(str(path / CODES_FILE)) if (path / CODES_FILE).is_file() else {}
-            missing = [t for t in self.semantic.tokens if t not in self.tokenizer.get_added_vocab()]
+            added = self.tokenizer.get_added_vocab()
+            missing = [t for t in self.semantic.tokens if t not in added]
             if missing:
                 raise ModelError(f"{path_or_id}: its tokenizer lacks {len(missing)} code token(s), e.g. {missing[:3]}")
         elif not train:
@@ -572,7 +571,7 @@ class Recommender:
             self.semantic, self.item_codes = semantic, dict(codes)
             self.set_catalog(self.catalog)
 
-    def _code_new_items(self, catalog: Catalog, extend: bool) -> None:
+    def _code_new_items(self, catalog: Catalog, texts: Mapping[str, tuple[str, str]], extend: bool) -> None:
         """Codes for catalog items that the codes in service lack, from their text: the codes
         themselves with `extend` (the trainer's), else provisional ones when `provisional_items`
         (given way to the next artifact's). The code vocabulary is fixed, so no row is ever added."""
@@ -582,23 +581,11 @@ class Recommender:
         missing = [i for i in catalog.ids if i not in self.item_codes]
         if not missing or not (extend or self.provisional_items):
             return
-        texts = item_texts(catalog)
         new = self.semantic.assign(missing, [code_source(texts, i) for i in missing], self.item_codes)
         if extend:
             self.item_codes = {**self.item_codes, **new}
         else:
             self._provisional_codes = new
-
-    def _encode_code(self, text: str) -> list[int]:
-        """A code's token ids and EOS, read off the vocabulary: a code is its tokens, one per level."""
-        return self._encode_codes([text])[0]
-
-    def _encode_codes(self, texts: Sequence[str]) -> list[list[int]]:
-        vocab = (
-            {t: int(i) for t, i in zip(self.semantic.tokens, self.code_token_ids, strict=True)} if self.semantic else {}
-        )
-        eos = int(self.tokenizer.eos_token_id)
-        return [[*(vocab[t + ">"] for t in text.split(">") if t), eos] for text in texts]
 
     @property
     def code_token_ids(self) -> list[int]:
